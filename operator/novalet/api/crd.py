@@ -1,0 +1,89 @@
+"""Generates the CustomResourceDefinition from the pydantic models.
+
+Kubernetes wants a structural schema: no $ref, no titles, `nullable` instead of anyOf-null.
+"""
+from typing import Any
+
+import yaml
+
+from .. import GROUP, KIND, PLURAL, VERSION
+from .models import VirtualInstanceSpec, VirtualInstanceStatus
+
+DROP = {"title"}
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_structural(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = defs[node["$ref"].rsplit("/", 1)[-1]]
+        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return _structural(merged, defs)
+    any_of = node.get("anyOf")
+    if any_of and any(o.get("type") == "null" for o in any_of):
+        rest = [o for o in any_of if o.get("type") != "null"]
+        outer = {k: v for k, v in node.items() if k != "anyOf"}
+        inner = rest[0] if len(rest) == 1 else {"anyOf": rest}
+        return _structural({**inner, **outer, "nullable": True}, defs)
+    out = {}
+    for key, value in node.items():
+        if key in DROP or key == "$defs" or (key == "default" and value is None):
+            continue
+        if key == "format" and value == "date-time":
+            out[key] = value
+            continue
+        out[key] = value if key in ("enum", "required", "pattern", "default") else _structural(value, defs)
+    if "const" in out:
+        out["enum"] = [out.pop("const")]
+    if "additionalProperties" in out and out["additionalProperties"] is False:
+        del out["additionalProperties"]
+    return out
+
+
+def schema_of(model: type) -> dict[str, Any]:
+    raw = model.model_json_schema(mode="validation")
+    return _structural(raw, raw.get("$defs", {}))
+
+
+def crd_manifest() -> dict[str, Any]:
+    columns = [
+        ("VM State", ".status.vmState"), ("Task", ".status.taskState"),
+        ("Power", ".status.powerState"), ("Node", ".status.node"),
+    ]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"kind": KIND, "plural": PLURAL, "singular": KIND.lower(),
+                      "listKind": f"{KIND}List", "shortNames": ["vinst"], "categories": ["all", "novalet"]},
+            "versions": [{
+                "name": VERSION, "served": True, "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [
+                    *({"name": n, "type": "string", "jsonPath": p} for n, p in columns),
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                ],
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "A virtual machine run through libvirt with Nova's lifecycle.",
+                    "properties": {
+                        "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "spec": schema_of(VirtualInstanceSpec),
+                        "status": schema_of(VirtualInstanceStatus),
+                    },
+                    "required": ["spec"],
+                }},
+            }],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    header = "# Generated from operator/novalet/api/models.py by `novalet crd`. Do not edit.\n"
+    return header + yaml.safe_dump(crd_manifest(), sort_keys=False, width=100)

@@ -1,0 +1,143 @@
+"""The VirtualInstance API: the single source of truth for the CRD schema (crds/)."""
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.vocabulary import PowerState, TaskState, VmState
+
+# A DNS-1123 label: safe in a file name, a libvirt XML attribute and an image pool path.
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
+ImageName = Annotated[str, Field(pattern=r"^$|^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$", max_length=63)]
+ActionId = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")]
+
+
+def cel(*rules: tuple[str, str]) -> dict:
+    return {"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]}
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Flavor(Model):
+    vcpus: int = Field(ge=1, le=64, description="Virtual CPUs.")
+    memoryMiB: int = Field(ge=96, le=1048576, description="Guest memory in MiB.")
+
+
+class SecretKeyRef(Model):
+    name: str = Field(pattern=NAME_PATTERN, description="A Secret in the instance's namespace.")
+    key: str = Field(default="password", max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class ActionRequest(Model):
+    """A one-shot request. A new id is a new request; an id already recorded is done."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=cel(
+        ("self.name != 'Reboot' || has(self.type)", "Reboot needs type: Soft or Hard"),
+        ("self.name == 'Reboot' || !has(self.type)", "type applies to Reboot only"),
+        ("self.name != 'Snapshot' || has(self.snapshotName)", "Snapshot needs snapshotName"),
+        ("self.name != 'SetPassword' || has(self.secretRef)", "SetPassword needs secretRef"),
+        ("self.name != 'ResetState' || has(self.state)", "ResetState needs state: active or error"),
+    ))
+    name: Literal["Reboot", "Rebuild", "Snapshot", "SetPassword", "ConfirmResize", "RevertResize",
+                  "ResetState"]
+    id: ActionId = Field(description="Unique per request; commit a new id to ask again.")
+    type: Literal["Soft", "Hard"] | None = Field(default=None, description="Reboot type.")
+    snapshotName: str | None = Field(default=None, pattern=NAME_PATTERN,
+                                     description="Image name the snapshot is stored under.")
+    secretRef: SecretKeyRef | None = Field(default=None, description="Where the new password is.")
+    user: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]{0,31}$",
+                             description="Guest user for SetPassword (default root).")
+    state: Literal["active", "error"] | None = Field(default=None, description="ResetState target.")
+
+
+class VirtualInstanceSpec(Model):
+    flavor: Flavor
+    image: ImageName = Field(default="", description="Image in the node's pool; empty = diskless.")
+    powerState: Literal["Running", "Stopped", "Paused", "Suspended"] = "Running"
+    rescue: bool = Field(default=False, description="Boot the rescue configuration.")
+    nodeName: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=63,
+                                 description="Pin to a hypervisor node; empty = any agent claims it.")
+    action: ActionRequest | None = None
+    locked: bool = Field(default=False, description="Refuse actions from anyone but admins.")
+
+
+class CurrentTask(Model):
+    """Everything needed to finish or undo a task after a crash."""
+
+    name: str
+    id: str
+    taskState: TaskState
+    originVmState: VmState
+    originPowerState: PowerState | None = None
+    originFlavor: Flavor | None = None
+    originImage: str | None = None
+    targetFlavor: Flavor | None = None
+    targetImage: str | None = None
+    domainId: int | None = Field(default=None, description="libvirt domain id when the step began.")
+    escalated: bool = False
+    owner: str
+    startedAt: datetime
+    attempt: int = 1
+
+
+class ActionRecord(Model):
+    name: str
+    id: str
+    result: Literal["Succeeded", "Failed", "Rejected"]
+    message: str = ""
+    startedAt: datetime | None = None
+    finishedAt: datetime | None = None
+
+
+class Condition(Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    lastTransitionTime: datetime | None = None
+    observedGeneration: int | None = None
+
+
+class ResizeOrigin(Model):
+    flavor: Flavor
+    vmState: VmState
+    powerState: PowerState | None = None
+
+
+class VirtualInstanceStatus(Model):
+    vmState: VmState | None = None
+    taskState: TaskState | None = None
+    powerState: PowerState | None = None
+    phase: str | None = None
+    node: str | None = None
+    domainUUID: str | None = None
+    observedGeneration: int | None = None
+    flavor: Flavor | None = Field(default=None, description="The flavor the domain runs with.")
+    image: str | None = Field(default=None, description="The image the disk was built from.")
+    resizedFrom: ResizeOrigin | None = Field(default=None, description="Origin of an unconfirmed resize.")
+    currentTask: CurrentTask | None = None
+    lastAction: ActionRecord | None = None
+    history: list[ActionRecord] = Field(default_factory=list, max_length=50)
+    conditions: list[Condition] = Field(default_factory=list, max_length=16)
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None
+    namespace: str | None = None
+    uid: str | None = None
+    resourceVersion: str | None = None
+    generation: int | None = None
+    deletionTimestamp: str | None = None
+    finalizers: list[str] = Field(default_factory=list)
+
+
+class VirtualInstance(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    apiVersion: str = "novalet.io/v1alpha1"
+    kind: str = "VirtualInstance"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: VirtualInstanceSpec
+    status: VirtualInstanceStatus = Field(default_factory=VirtualInstanceStatus)

@@ -1,0 +1,62 @@
+"""The `novalet` command: `run` (the per-node agent), `crd` and `dev ...` (the local stack)."""
+import argparse
+import sys
+from pathlib import Path
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from .api.crd import crd_yaml
+
+    text = crd_yaml()
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .agent.main import run_agent
+
+    return run_agent(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="novalet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the agent for one hypervisor node")
+    run.add_argument("--node-name", required=True, help="the node this agent serves")
+    run.add_argument("--libvirt-uri", default=None, help="libvirt URI (default: $LIBVIRT_DEFAULT_URI)")
+    run.add_argument("--image-pool", type=Path, default=Path("/var/lib/novalet/images"),
+                     help="directory holding the images instances boot from")
+    run.add_argument("--state-dir", type=Path, default=Path("/var/lib/novalet"),
+                     help="where instance disks live")
+    run.add_argument("--namespace", action="append", default=None,
+                     help="watch only this namespace (repeatable; default: all)")
+    run.add_argument("--soft-reboot-timeout", type=float, default=60.0,
+                     help="seconds a guest gets to reboot softly before a hard reboot")
+    run.add_argument("--lease-namespace", default="kube-node-lease",
+                     help="namespace of the agents' heartbeat Leases")
+    run.add_argument("--domain-type", choices=["auto", "qemu", "kvm"], default="auto",
+                     help="libvirt domain type (auto: TCG unless a probe booted a guest under KVM)")
+    run.add_argument("--verbose", action="store_true")
+    run.set_defaults(func=_run)
+
+    crd = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the models")
+    crd.add_argument("-o", "--output", default="-")
+    crd.set_defaults(func=_crd)
+
+    from .devenv.cli import add_dev_commands
+
+    add_dev_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
