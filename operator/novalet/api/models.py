@@ -60,7 +60,6 @@ class VirtualInstanceSpec(Model):
     nodeName: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=63,
                                  description="Pin to a hypervisor node; empty = any agent claims it.")
     action: ActionRequest | None = None
-    locked: bool = Field(default=False, description="Refuse actions from anyone but admins.")
 
 
 class CurrentTask(Model):
@@ -116,6 +115,8 @@ class VirtualInstanceStatus(Model):
     observedGeneration: int | None = None
     flavor: Flavor | None = Field(default=None, description="The flavor the domain runs with.")
     image: str | None = Field(default=None, description="The image the disk was built from.")
+    revertedFlavor: Flavor | None = Field(default=None, description="A reverted resize's flavor: "
+                                          "not applied again until spec.flavor changes.")
     resizedFrom: ResizeOrigin | None = Field(default=None, description="Origin of an unconfirmed resize.")
     currentTask: CurrentTask | None = None
     lastAction: ActionRecord | None = None

@@ -1,0 +1,1 @@
+"""The per-node agent: kopf watches, the engine acts, the core decides."""

@@ -1,0 +1,267 @@
+"""The engine: per instance, decide with the core, act through libvirt, record through CAS.
+
+One asyncio lock per instance serializes this process; the compare-and-swap status writes
+serialize processes. A 409 means someone else wrote: re-read and decide again.
+"""
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from .. import FINALIZER
+from ..api.models import Condition, VirtualInstance, VirtualInstanceStatus
+from ..core import policy, recovery, transitions
+from ..core.desire import Request, next_request
+from ..core.plans import ESCALATE_TO_HARD, Plan, plan_of
+from ..core.vocabulary import Action, VmState
+from ..kube.events import EventRecorder
+from ..kube.instances import Conflict, Gone, InstanceStore, parse
+from .crashpoints import crash_if
+from .operations import OperationError, Operations
+
+log = logging.getLogger(__name__)
+A = Action
+MAX_ROUNDS = 32
+
+
+class LostTask(Exception):
+    """Another writer took or ended the task this agent was carrying out."""
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def _key(body: dict[str, Any]) -> tuple[str, str]:
+    return body["metadata"]["namespace"], body["metadata"]["name"]
+
+
+def _with_agent_ready(status: VirtualInstanceStatus, node: str) -> VirtualInstanceStatus:
+    old = next((c for c in status.conditions if c.type == "HostAgentReady"), None)
+    if old and old.status == "True":
+        return status
+    ready = Condition(type="HostAgentReady", status="True", reason="AgentAlive",
+                      message=f"agent on node {node} is handling this instance", lastTransitionTime=now())
+    others = [c for c in status.conditions if c.type != "HostAgentReady"]
+    return status.model_copy(update={"conditions": [*others, ready]})
+
+
+class Engine:
+    def __init__(self, store: InstanceStore, events: EventRecorder, ops: Operations, node: str,
+                 owner: str):
+        self.store, self.events, self.ops = store, events, ops
+        self.node, self.owner = node, owner
+        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    # ---- placement -------------------------------------------------------------------
+    def is_mine(self, inst: VirtualInstance) -> bool:
+        if inst.spec.nodeName:
+            return inst.spec.nodeName == self.node
+        return inst.status.node in (None, self.node)
+
+    # ---- the loop ----------------------------------------------------------------------
+    async def reconcile(self, namespace: str, name: str, retry_failed: bool = False) -> None:
+        async with self._locks[(namespace, name)]:
+            for _ in range(MAX_ROUNDS):
+                body = await self.store.get(namespace, name)
+                if body is None:
+                    return
+                try:
+                    if not await self._round(body, retry_failed):
+                        return
+                except (Conflict, LostTask) as why:
+                    log.info("%s/%s: %s; re-reading", namespace, name, type(why).__name__)
+                except Gone:
+                    return
+            log.warning("%s/%s: still changing after %d rounds", namespace, name, MAX_ROUNDS)
+
+    async def _round(self, body: dict[str, Any], retry_failed: bool) -> bool:
+        """One decision. True when it changed something and the next round may have work."""
+        inst = parse(body)
+        if not self.is_mine(inst):
+            return False
+        if inst.status.node != self.node:
+            await self._claim(body, inst)
+            return True
+        if inst.status.currentTask is not None:
+            await self._recover(body, inst)
+            return True
+        deleting = inst.metadata.deletionTimestamp is not None
+        finalizers = inst.metadata.finalizers
+        if deleting and FINALIZER not in finalizers:
+            return False
+        if not deleting and FINALIZER not in finalizers:
+            await self.store.write_finalizers(body, [*finalizers, FINALIZER])
+            return True
+        request = next_request(inst.spec, inst.status, inst.metadata.generation or 0, deleting, retry_failed)
+        if request is None:
+            return await self._sync(body, inst)
+        if request.action == A.RESET_STATE:
+            await self._reset_state(body, inst, request)
+            return True
+        refusal = policy.refusal(request.action, inst.status.vmState or VmState.BUILDING, None)
+        if refusal:
+            await self._cas(body, lambda s: transitions.reject(s, request.action.value, request.id,
+                                                                 refusal, now()), guard=None)
+            await self.events.emit(body, "Rejected", f"{request.action.value} {request.id}: {refusal}",
+                                   warning=True)
+            return True
+        await self._execute(body, inst, request)
+        return True
+
+    # ---- writes ----------------------------------------------------------------------
+    async def _cas(self, body: dict[str, Any], mutate: Callable[[VirtualInstanceStatus], VirtualInstanceStatus],
+                   guard: Callable[[VirtualInstance], bool] | None) -> dict[str, Any]:
+        """Write mutate(status) at body's resourceVersion. On 409, re-read; retry only while
+        `guard` says the task is still ours, else let the caller decide again."""
+        while True:
+            try:
+                return await self.store.write_status(body, mutate(parse(body).status))
+            except Conflict:
+                if guard is None:
+                    raise
+                body = await self.store.get(*_key(body))
+                if body is None:
+                    raise Gone()
+                if not guard(parse(body)):
+                    raise LostTask()
+
+    def _task_guard(self, task_id: str) -> Callable[[VirtualInstance], bool]:
+        def guard(inst: VirtualInstance) -> bool:
+            task = inst.status.currentTask
+            return task is not None and task.id == task_id and task.owner == self.owner
+        return guard
+
+    async def _claim(self, body: dict[str, Any], inst: VirtualInstance) -> None:
+        def place(status: VirtualInstanceStatus) -> VirtualInstanceStatus:
+            placed = status.model_copy(update={"node": self.node, "domainUUID": inst.metadata.uid})
+            return _with_agent_ready(placed, self.node)
+        await self._cas(body, place, guard=None)
+
+    # ---- carrying out a plan ---------------------------------------------------------
+    async def _execute(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> None:
+        plan = plan_of(request.action)
+        facts = await self.ops.facts(inst)
+        target_flavor = inst.spec.flavor if request.action in (A.CREATE, A.RESIZE) else None
+        target_image = inst.spec.image if request.action in (A.CREATE, A.REBUILD) else None
+        body = await self._cas(body, lambda s: transitions.begin(
+            s, plan, request.id, self.owner, now(), facts.power_state, target_flavor, target_image),
+            guard=None)
+        await self.events.emit(body, "Started", f"{request.action.value} {request.id}: "
+                                                f"{plan.steps[0].task_state.value}")
+        crash_if("after_claim", request.action.value)
+        await self._run_steps(body, plan, from_step=0)
+
+    async def _run_steps(self, body: dict[str, Any], plan: Plan, from_step: int,
+                         escalated: bool = False) -> None:
+        task = parse(body).status.currentTask
+        guard = self._task_guard(task.id)
+        ops_left = [s for s in plan.steps[from_step:] if s.op]
+        message = ""
+        try:
+            for index, step in enumerate(plan.steps[from_step:], start=from_step):
+                current = parse(body)
+                if current.status.taskState != step.task_state:
+                    facts = await self.ops.facts(current)
+                    body = await self._cas(body, lambda s, st=step, f=facts: transitions.advance(
+                        s, st, now(), domain_id=f.domain_id, escalated=escalated or None), guard)
+                if step.op is None:
+                    continue
+                crash_if("after_started", plan.action.value)
+                outcome = await self.ops.run(step.op, parse(body))
+                if outcome is False and step.op == "reboot_soft":
+                    body, message = await self._escalate(body, guard)
+                ops_left.pop(0)
+                crash_if("between_steps" if ops_left else "after_call", plan.action.value)
+        except OperationError as error:
+            await self._end(body, plan, succeeded=False, message=str(error))
+            return
+        await self._end(body, plan, succeeded=True, message=message)
+
+    async def _escalate(self, body: dict[str, Any], guard) -> tuple[dict[str, Any], str]:
+        facts = await self.ops.facts(parse(body))
+        body = await self._cas(body, lambda s: transitions.advance(
+            s, ESCALATE_TO_HARD, now(), domain_id=facts.domain_id, escalated=True), guard)
+        await self.events.emit(body, "Escalated", "guest ignored the soft reboot; rebooting hard",
+                               warning=True)
+        await self.ops.run(ESCALATE_TO_HARD.op, parse(body))
+        return body, f"guest ignored the soft reboot for {self.ops.soft_reboot_timeout:g}s; escalated to hard"
+
+    async def _end(self, body: dict[str, Any], plan: Plan, succeeded: bool, message: str,
+                   vm_state: VmState | None = None) -> None:
+        inst = parse(body)
+        task = inst.status.currentTask
+        if plan.action == A.DELETE and succeeded:
+            finalizers = [f for f in inst.metadata.finalizers if f != FINALIZER]
+            await self.events.emit(body, "Deleted", f"domain and disks of {inst.metadata.uid} removed")
+            await self.store.write_finalizers(body, finalizers)
+            return
+        facts = await self.ops.facts(inst)
+        body = await self._cas(body, lambda s: transitions.finish(
+            s, plan, succeeded, message, now(), facts.power_state, vm_state=vm_state),
+            self._task_guard(task.id))
+        reason = "Succeeded" if succeeded else "Failed"
+        await self.events.emit(body, reason, f"{task.name} {task.id}: {message or reason.lower()}",
+                               warning=not succeeded)
+
+    # ---- recovery --------------------------------------------------------------------
+    async def _recover(self, body: dict[str, Any], inst: VirtualInstance) -> None:
+        """A task on record that nobody in this process is carrying out: its agent died (we
+        hold the node's lease, so it is not running anywhere). Apply the recovery table."""
+        task = inst.status.currentTask
+        facts = await self.ops.facts(inst)
+        rule = recovery.recover(task, facts)
+        log.info("%s/%s: recovering %s (%s): %s %s", *_key(body), task.taskState, task.id, rule.kind,
+                 rule.message)
+        taken = task.model_copy(update={"owner": self.owner, "attempt": task.attempt + 1})
+        body = await self._cas(body, lambda s: s.model_copy(update={"currentTask": taken}),
+                               guard=lambda i: i.status.currentTask == task)
+        await self.events.emit(body, "Recovering", f"{task.name} {task.id} found in {task.taskState.value} "
+                                                   f"after an agent restart: {rule.kind} {rule.message}".strip())
+        if rule.kind == "redo":
+            plan = plan_of(rule.action)
+            await self._run_steps(body, plan, rule.from_step, escalated=rule.hard)
+            return
+        plan = plan_of(Action(task.name))
+        if rule.kind == "finish":
+            await self._end(body, plan, succeeded=True, message=f"recovered: {rule.message}".strip(": "),
+                            vm_state=rule.vm_state)
+            return
+        if rule.cleanup:
+            await self.ops.run(rule.cleanup, parse(body))
+        if rule.kind == "revert":
+            try:
+                await self.ops.run("revert_resize_inflight", parse(body))
+            except OperationError as error:
+                await self._end(body, plan, succeeded=False, vm_state=VmState.ERROR,
+                                message=f"{rule.message}; revert failed: {error}")
+                return
+        vm = VmState.ERROR if rule.kind == "error" else rule.vm_state
+        await self._end(body, plan, succeeded=False, message=rule.message, vm_state=vm)
+
+    # ---- no task, no request ---------------------------------------------------------
+    async def _sync(self, body: dict[str, Any], inst: VirtualInstance) -> bool:
+        facts = await self.ops.facts(inst)
+        status = _with_agent_ready(inst.status, self.node)
+        synced = transitions.observe_power(status, facts.power_state, facts.exists, now())
+        if _same(synced, inst.status):
+            return False
+        await self._cas(body, lambda s: transitions.observe_power(
+            _with_agent_ready(s, self.node), facts.power_state, facts.exists, now()), guard=None)
+        return True
+
+    async def _reset_state(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> None:
+        target = VmState(inst.spec.action.state)
+        facts = await self.ops.facts(inst)
+        await self._cas(body, lambda s: transitions.settle(
+            s, target, A.RESET_STATE.value, request.id, "Succeeded",
+            f"state reset to {target.value} by an administrator", now(), facts.power_state), guard=None)
+        await self.events.emit(body, "StateReset", f"vm_state reset to {target.value} ({request.id})",
+                               warning=True)
+
+
+def _same(a: VirtualInstanceStatus, b: VirtualInstanceStatus) -> bool:
+    strip = {"conditions": {"__all__": {"lastTransitionTime"}}}
+    return a.model_dump(exclude=strip) == b.model_dump(exclude=strip)

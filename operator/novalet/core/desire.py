@@ -1,0 +1,89 @@
+"""What the user wants next: the one request the agent should act on now.
+
+Order: delete, then a new one-shot `spec.action`, then the build, then the declarative
+fields (rescue, flavor, image, powerState), one step at a time toward the latest desire.
+Nothing is queued: each call looks at the spec as it is now.
+"""
+from dataclasses import dataclass
+
+from ..api.models import VirtualInstanceSpec, VirtualInstanceStatus
+from .vocabulary import Action, VmState
+
+A, V = Action, VmState
+
+
+@dataclass(frozen=True)
+class Request:
+    action: Action
+    id: str
+    imperative: bool  # a one-shot spec.action (refusals recorded by id) vs a declarative step
+
+
+IMPERATIVE = {
+    "Rebuild": A.REBUILD, "Snapshot": A.SNAPSHOT, "SetPassword": A.SET_PASSWORD,
+    "ConfirmResize": A.CONFIRM_RESIZE, "RevertResize": A.REVERT_RESIZE, "ResetState": A.RESET_STATE,
+}
+
+# (desired powerState, vmState) -> the next step toward it.
+POWER_STEPS: dict[tuple[str, VmState], Action] = {
+    ("Running", V.STOPPED): A.START, ("Running", V.PAUSED): A.UNPAUSE,
+    ("Running", V.SUSPENDED): A.RESUME,
+    ("Stopped", V.ACTIVE): A.STOP, ("Stopped", V.PAUSED): A.STOP, ("Stopped", V.SUSPENDED): A.STOP,
+    ("Paused", V.ACTIVE): A.PAUSE, ("Paused", V.STOPPED): A.START, ("Paused", V.SUSPENDED): A.RESUME,
+    ("Suspended", V.ACTIVE): A.SUSPEND, ("Suspended", V.STOPPED): A.START,
+    ("Suspended", V.PAUSED): A.UNPAUSE,
+}
+
+
+def imperative_action(spec: VirtualInstanceSpec) -> Action | None:
+    if spec.action is None:
+        return None
+    if spec.action.name == "Reboot":
+        return A.REBOOT_HARD if spec.action.type == "Hard" else A.REBOOT_SOFT
+    return IMPERATIVE[spec.action.name]
+
+
+def seen_ids(status: VirtualInstanceStatus) -> set[str]:
+    ids = {record.id for record in status.history}
+    if status.lastAction:
+        ids.add(status.lastAction.id)
+    if status.currentTask:
+        ids.add(status.currentTask.id)
+    return ids
+
+
+def declarative_action(spec: VirtualInstanceSpec, status: VirtualInstanceStatus) -> Action | None:
+    vm = status.vmState
+    if vm in (None, V.BUILDING):
+        return A.CREATE
+    if vm == V.RESCUED:
+        return None if spec.rescue else A.UNRESCUE
+    if vm in (V.ERROR, V.RESIZED, V.DELETED):
+        return A.REBUILD if vm == V.ERROR and spec.image != (status.image or "") else None
+    if spec.rescue:
+        return A.RESCUE if vm in (V.ACTIVE, V.STOPPED) else POWER_STEPS.get(("Running", vm))
+    if status.flavor and spec.flavor != status.flavor and spec.flavor != status.revertedFlavor:
+        return A.RESIZE if vm in (V.ACTIVE, V.STOPPED) else None
+    if spec.image != (status.image or ""):
+        return A.REBUILD if vm in (V.ACTIVE, V.STOPPED) else None
+    return POWER_STEPS.get((spec.powerState, vm))
+
+
+def next_request(spec: VirtualInstanceSpec, status: VirtualInstanceStatus, generation: int,
+                 deleting: bool, retry_failed: bool = False) -> Request | None:
+    """`retry_failed`: a declarative step that failed for this generation is tried again
+    (the agent's periodic resync passes True, so failures back off instead of spinning)."""
+    if deleting:
+        return Request(A.DELETE, f"delete-g{generation}", imperative=False)
+    action = imperative_action(spec)
+    if action is not None and spec.action.id not in seen_ids(status):
+        return Request(action, spec.action.id, imperative=True)
+    action = declarative_action(spec, status)
+    if action is None:
+        return None
+    request_id = f"spec-g{generation}-{action.value.lower()}"
+    last = status.lastAction
+    if last and last.id == request_id and (last.result == "Rejected" or
+                                           (last.result == "Failed" and not retry_failed)):
+        return None  # refused (or failed) for this generation: wait for a change or the resync
+    return Request(action, request_id, imperative=False)

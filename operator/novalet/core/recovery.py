@@ -1,0 +1,136 @@
+"""The recovery table (DESIGN.md section 2): what an agent does, when it starts, with an
+instance it finds mid-task. A pure function of the recorded task and libvirt's live facts.
+
+Every task state has a rule; none is left for an admin to reset.
+"""
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from ..api.models import CurrentTask
+from .plans import EXPECTED_POWER, task_owner
+from .vocabulary import Action, PowerState, TaskState, VmState
+
+T, V, P, A = TaskState, VmState, PowerState, Action
+
+
+class DomainFacts(Protocol):
+    exists: bool
+    power_state: PowerState | None
+    config: str | None          # "normal" | "rescue" | None (not defined)
+    issued: str | None          # journal: "<task id>:<op>" of the last operation issued
+
+
+Kind = Literal["redo", "finish", "abandon", "revert", "error"]
+
+
+@dataclass(frozen=True)
+class Recovery:
+    kind: Kind
+    action: Action | str          # str only for "Migrate", which has no plan of its own yet
+    from_step: int = 0            # redo: the plan step to continue from
+    vm_state: VmState | None = None  # finish / abandon / error: where the instance rests
+    message: str = ""
+    hard: bool = False            # redo a soft reboot as a hard one
+    cleanup: str | None = None    # an operation that removes leftovers (partial snapshot)
+
+
+def _step_issued(task: CurrentTask, facts: DomainFacts) -> bool:
+    plan, index = task_owner(task.taskState)
+    op = plan.steps[index].op
+    return op is not None and facts.issued == f"{task.id}:{op}"
+
+
+def _power_reached(target: VmState, facts: DomainFacts, want_config: str = "normal") -> bool:
+    return (facts.exists and facts.power_state in EXPECTED_POWER[target]
+            and facts.config == want_config)
+
+
+def _build(task: CurrentTask, facts: DomainFacts) -> Recovery:
+    _, index = task_owner(task.taskState)
+    if task.taskState != T.SPAWNING:
+        return Recovery("redo", A.CREATE, from_step=index)
+    if facts.exists and facts.power_state == P.RUNNING:
+        return Recovery("finish", A.CREATE, vm_state=V.ACTIVE)
+    if facts.exists and facts.power_state in (P.SHUTOFF, P.SHUTDOWN, None, P.NOSTATE):
+        return Recovery("redo", A.CREATE, from_step=index, message="started once more")
+    if not facts.exists:
+        return Recovery("redo", A.CREATE, from_step=index - 1, message="domain missing: build redone")
+    return Recovery("error", A.CREATE, vm_state=V.ERROR,
+                    message=f"spawn interrupted; domain is {facts.power_state}")
+
+
+def _reboot(task: CurrentTask, facts: DomainFacts) -> Recovery:
+    hard = task.taskState in (T.REBOOT_PENDING_HARD, T.REBOOT_STARTED_HARD, T.REBOOTING_HARD)
+    action = A.REBOOT_HARD if hard or task.escalated else A.REBOOT_SOFT
+    if task.taskState in (T.REBOOT_STARTED, T.REBOOT_STARTED_HARD) and _step_issued(task, facts) \
+            and facts.power_state == P.RUNNING:
+        return Recovery("finish", action, vm_state=V.ACTIVE, message="reboot had been issued")
+    guest_up = facts.exists and facts.power_state == P.RUNNING
+    redo_hard = hard or not guest_up
+    step = 1 if task.taskState in (T.REBOOT_STARTED, T.REBOOT_STARTED_HARD) else 0
+    return Recovery("redo", A.REBOOT_HARD if redo_hard else A.REBOOT_SOFT, from_step=step,
+                    hard=redo_hard and not hard)
+
+
+POWER_TARGETS = {
+    T.PAUSING: (A.PAUSE, V.PAUSED), T.UNPAUSING: (A.UNPAUSE, V.ACTIVE),
+    T.SUSPENDING: (A.SUSPEND, V.SUSPENDED), T.RESUMING: (A.RESUME, V.ACTIVE),
+    T.POWERING_OFF: (A.STOP, V.STOPPED), T.POWERING_ON: (A.START, V.ACTIVE),
+}
+
+
+def _power(task: CurrentTask, facts: DomainFacts) -> Recovery:
+    action, target = POWER_TARGETS[task.taskState]
+    if _power_reached(target, facts, "normal"):
+        if target != V.SUSPENDED or getattr(facts, "has_managed_save", True):
+            return Recovery("finish", action, vm_state=target)
+    return Recovery("redo", action)
+
+
+def _rescue(task: CurrentTask, facts: DomainFacts) -> Recovery:
+    rescuing = task.taskState == T.RESCUING
+    action, target, config = ((A.RESCUE, V.RESCUED, "rescue") if rescuing
+                              else (A.UNRESCUE, V.ACTIVE, "normal"))
+    if _power_reached(target, facts, config):
+        return Recovery("finish", action, vm_state=target)
+    return Recovery("redo", action)
+
+
+def _resize(task: CurrentTask, facts: DomainFacts) -> Recovery:
+    if task.taskState == T.RESIZE_PREP:
+        return Recovery("abandon", A.RESIZE, vm_state=task.originVmState,
+                        message="interrupted before any change; the resize is retried from spec")
+    return Recovery("revert", A.RESIZE, vm_state=task.originVmState,
+                    message="interrupted mid-resize: reverted to the origin flavor")
+
+
+RULES = {
+    **{t: _build for t in (T.SCHEDULING, T.NETWORKING, T.BLOCK_DEVICE_MAPPING, T.SPAWNING)},
+    **{t: _reboot for t in (T.REBOOT_PENDING, T.REBOOT_STARTED, T.REBOOTING, T.REBOOT_PENDING_HARD,
+                            T.REBOOT_STARTED_HARD, T.REBOOTING_HARD)},
+    **{t: _power for t in POWER_TARGETS},
+    T.RESCUING: _rescue, T.UNRESCUING: _rescue,
+    **{t: _resize for t in (T.RESIZE_PREP, T.RESIZE_MIGRATING, T.RESIZE_MIGRATED, T.RESIZE_FINISH)},
+    T.RESIZE_CONFIRMING: lambda task, facts: Recovery("redo", A.CONFIRM_RESIZE),
+    T.RESIZE_REVERTING: lambda task, facts: Recovery("redo", A.REVERT_RESIZE),
+    **{t: (lambda task, facts: Recovery("redo", A.REBUILD))
+       for t in (T.REBUILDING, T.REBUILD_BLOCK_DEVICE_MAPPING, T.REBUILD_SPAWNING)},
+    **{t: (lambda task, facts: Recovery(
+        "abandon", A.SNAPSHOT, vm_state=task.originVmState, message="interrupted",
+        cleanup="remove_partial_snapshot"))
+       for t in (T.IMAGE_SNAPSHOT_PENDING, T.IMAGE_SNAPSHOT, T.IMAGE_UPLOADING)},
+    T.UPDATING_PASSWORD: lambda task, facts: Recovery(
+        "abandon", A.SET_PASSWORD, vm_state=task.originVmState, message="interrupted; request again"),
+    T.MIGRATING: lambda task, facts: (
+        Recovery("finish", "Migrate", vm_state=task.originVmState, message="domain runs here")
+        if facts.exists and facts.power_state == P.RUNNING else
+        Recovery("abandon", "Migrate", vm_state=task.originVmState,
+                 message="migration interrupted: rolled back to the origin")),
+    T.DELETING: lambda task, facts: Recovery("redo", A.DELETE),
+}
+
+
+def recover(task: CurrentTask, facts: DomainFacts) -> Recovery:
+    return RULES[task.taskState](task, facts)
+
+

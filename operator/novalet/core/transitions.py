@@ -1,0 +1,107 @@
+"""Status transitions: pure functions from one status to the next.
+
+The agent computes each new status here and writes it with a compare-and-swap; nothing in
+this module talks to Kubernetes or libvirt.
+"""
+from datetime import datetime
+
+from ..api.models import ActionRecord, CurrentTask, Flavor, ResizeOrigin, VirtualInstanceStatus
+from .plans import EXPECTED_POWER, Plan, Step, final_vm_state
+from .presentation import with_presentation
+from .vocabulary import Action, PowerState, VmState
+
+A, V = Action, VmState
+HISTORY_LIMIT = 20
+
+
+def _copy(status: VirtualInstanceStatus, **changes) -> VirtualInstanceStatus:
+    return status.model_copy(deep=True, update=changes)
+
+
+def _record(status: VirtualInstanceStatus, record: ActionRecord) -> dict:
+    history = [*status.history, record][-HISTORY_LIMIT:]
+    return {"lastAction": record, "history": history}
+
+
+def begin(status: VirtualInstanceStatus, plan: Plan, request_id: str, owner: str, now: datetime,
+          power: PowerState | None, target_flavor: Flavor | None = None,
+          target_image: str | None = None) -> VirtualInstanceStatus:
+    """Acknowledge a request: the first task state of its plan, with what undoing needs."""
+    task = CurrentTask(
+        name=plan.action.value, id=request_id, taskState=plan.steps[0].task_state,
+        originVmState=status.vmState or V.BUILDING, originPowerState=power,
+        originFlavor=status.flavor, originImage=status.image,
+        targetFlavor=target_flavor, targetImage=target_image, owner=owner, startedAt=now)
+    vm = status.vmState or V.BUILDING
+    return with_presentation(_copy(status, vmState=vm, taskState=task.taskState, currentTask=task), now)
+
+
+def advance(status: VirtualInstanceStatus, step: Step, now: datetime, domain_id: int | None = None,
+            escalated: bool | None = None) -> VirtualInstanceStatus:
+    task = status.currentTask.model_copy(update={
+        "taskState": step.task_state, "domainId": domain_id,
+        **({"escalated": escalated} if escalated is not None else {})})
+    return with_presentation(_copy(status, taskState=step.task_state, currentTask=task), now)
+
+
+def _success_changes(status: VirtualInstanceStatus, task: CurrentTask) -> dict:
+    action = Action(task.name)
+    if action == A.CREATE:
+        return {"flavor": task.targetFlavor, "image": task.targetImage or ""}
+    if action == A.REBUILD:
+        return {"image": task.targetImage or ""}
+    if action == A.RESIZE:
+        return {"flavor": task.targetFlavor, "revertedFlavor": None, "resizedFrom": ResizeOrigin(
+            flavor=task.originFlavor, vmState=task.originVmState, powerState=task.originPowerState)}
+    if action == A.CONFIRM_RESIZE:
+        return {"resizedFrom": None}
+    if action == A.REVERT_RESIZE:
+        return {"flavor": status.resizedFrom.flavor, "revertedFlavor": status.flavor,
+                "resizedFrom": None}
+    return {}
+
+
+def finish(status: VirtualInstanceStatus, plan: Plan, succeeded: bool, message: str, now: datetime,
+           power: PowerState | None, vm_state: VmState | None = None) -> VirtualInstanceStatus:
+    """End the current task: a stable vm state (the plan's, unless recovery names one), the
+    record in lastAction and history."""
+    task = status.currentTask
+    pre_resize = status.resizedFrom.vmState if status.resizedFrom else None
+    vm = vm_state or final_vm_state(plan, task.originVmState, pre_resize, succeeded)
+    record = ActionRecord(name=task.name, id=task.id, message=message, startedAt=task.startedAt,
+                          finishedAt=now, result="Succeeded" if succeeded else "Failed")
+    changes = _success_changes(status, task) if succeeded else {}
+    return with_presentation(_copy(status, vmState=vm, taskState=None, currentTask=None,
+                                   powerState=power, **changes, **_record(status, record)), now)
+
+
+def settle(status: VirtualInstanceStatus, vm_state: VmState, name: str, request_id: str,
+           result: str, message: str, now: datetime, power: PowerState | None,
+           started: datetime | None = None) -> VirtualInstanceStatus:
+    """Record an outcome without a plan run: a rejection, a reset-state, a recovered task."""
+    record = ActionRecord(name=name, id=request_id, result=result, message=message,
+                          startedAt=started or now, finishedAt=now)
+    return with_presentation(_copy(status, vmState=vm_state, taskState=None, currentTask=None,
+                                   powerState=power, **_record(status, record)), now)
+
+
+def reject(status: VirtualInstanceStatus, name: str, request_id: str, message: str,
+           now: datetime) -> VirtualInstanceStatus:
+    """A refused request is recorded and changes nothing else: it never blocks later ones."""
+    record = ActionRecord(name=name, id=request_id, result="Rejected", message=message,
+                          startedAt=now, finishedAt=now)
+    return with_presentation(_copy(status, **_record(status, record)), now)
+
+
+def observe_power(status: VirtualInstanceStatus, power: PowerState | None, exists: bool,
+                  now: datetime) -> VirtualInstanceStatus:
+    """Drift: the guest changed power state on its own (never called while a task runs)."""
+    vm = status.vmState
+    if vm in EXPECTED_POWER and exists and power not in EXPECTED_POWER[vm]:
+        if power == PowerState.RUNNING and vm == V.STOPPED:
+            vm = V.ACTIVE
+        elif power in EXPECTED_POWER[V.STOPPED] and vm in (V.ACTIVE, V.PAUSED, V.RESCUED):
+            vm = V.STOPPED
+        elif power == PowerState.PAUSED and vm == V.ACTIVE:
+            vm = V.PAUSED
+    return with_presentation(_copy(status, vmState=vm, powerState=power if exists else PowerState.NOSTATE), now)

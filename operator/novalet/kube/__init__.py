@@ -1,0 +1,1 @@
+"""Kubernetes adapters: the only place that talks to the apiserver."""

@@ -1,0 +1,14 @@
+"""One kubernetes_asyncio ApiClient per process, from KUBECONFIG or the in-cluster account."""
+import os
+
+from kubernetes_asyncio import client, config
+
+
+async def api_client() -> client.ApiClient:
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        config.load_incluster_config()
+        return client.ApiClient()
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
+                                  client_configuration=configuration)
+    return client.ApiClient(configuration)

@@ -1,0 +1,85 @@
+"""The agent's heartbeat: a coordination.k8s.io Lease per node, renewed by the agent holding it.
+
+The holder is the one agent process allowed to act on the node's instances; a second agent
+for the same node waits as a hot standby and takes over when the lease expires. The lease is
+liveness, not safety: every instance write is still a compare-and-swap.
+"""
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+log = logging.getLogger(__name__)
+
+
+def lease_name(node: str) -> str:
+    return f"novalet-agent-{node}"
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    holder: str | None
+    renewed: datetime | None
+    duration_s: int
+
+    def expired(self, now: datetime) -> bool:
+        return self.renewed is None or now > self.renewed + timedelta(seconds=self.duration_s)
+
+
+def view(lease: client.V1Lease | None) -> LeaseView:
+    if lease is None or lease.spec is None:
+        return LeaseView(None, None, 0)
+    spec = lease.spec
+    return LeaseView(spec.holder_identity, spec.renew_time, spec.lease_duration_seconds or 0)
+
+
+class NodeLease:
+    def __init__(self, api: client.ApiClient, namespace: str, node: str, identity: str,
+                 duration_s: int = 20):
+        self.coordination = client.CoordinationV1Api(api)
+        self.namespace, self.node, self.identity, self.duration_s = namespace, node, identity, duration_s
+
+    async def read(self, node: str | None = None) -> client.V1Lease | None:
+        try:
+            return await self.coordination.read_namespaced_lease(lease_name(node or self.node), self.namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def try_acquire_or_renew(self) -> bool:
+        """True while this agent holds the node's lease. A compare-and-swap on the Lease."""
+        now = datetime.now(timezone.utc)
+        lease = await self.read()
+        current = view(lease)
+        if current.holder not in (None, self.identity) and not current.expired(now):
+            return False
+        spec = client.V1LeaseSpec(holder_identity=self.identity, lease_duration_seconds=self.duration_s,
+                                  renew_time=now, acquire_time=now if current.holder != self.identity
+                                  else lease.spec.acquire_time)
+        try:
+            if lease is None:
+                body = client.V1Lease(metadata=client.V1ObjectMeta(
+                    name=lease_name(self.node), namespace=self.namespace,
+                    labels={"novalet.io/node": self.node}), spec=spec)
+                await self.coordination.create_namespaced_lease(self.namespace, body)
+            else:
+                lease.spec = spec  # replace carries metadata.resourceVersion: 409 if someone won
+                await self.coordination.replace_namespaced_lease(lease_name(self.node), self.namespace, lease)
+        except ApiException as error:
+            if error.status in (409, 422):
+                return False
+            raise
+        return True
+
+    async def release(self) -> None:
+        lease = await self.read()
+        if lease is not None and view(lease).holder == self.identity:
+            lease.spec.holder_identity = None
+            lease.spec.renew_time = None
+            try:
+                await self.coordination.replace_namespaced_lease(lease_name(self.node), self.namespace, lease)
+            except ApiException as error:
+                log.info("lease release skipped: %s", error.reason)
