@@ -21,6 +21,12 @@ def _run(args: argparse.Namespace) -> int:
     return run_agent(args)
 
 
+def _controller(args: argparse.Namespace) -> int:
+    from .controller.main import run_controller
+
+    return run_controller(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="novalet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,9 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true")
     run.set_defaults(func=_run)
 
+    ctl = sub.add_parser("controller", help="run the cluster controller: admission webhook, agent heartbeats")
+    ctl.add_argument("--webhook-port", type=int, default=0, help="serve the validating webhook (0: off)")
+    ctl.add_argument("--webhook-addr", default="127.0.0.1", help="address the webhook listens on")
+    ctl.add_argument("--webhook-host", default="127.0.0.1",
+                     help="host name or IP the apiserver uses to reach the webhook")
+    ctl.add_argument("--tls-cert", type=Path, help="serving certificate (default: self-signed)")
+    ctl.add_argument("--tls-key", type=Path)
+    ctl.add_argument("--state-dir", type=Path, default=Path("/var/lib/novalet"))
+    ctl.add_argument("--lease-namespace", default="kube-node-lease")
+    ctl.add_argument("--verbose", action="store_true")
+    ctl.set_defaults(func=_controller)
+
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the models")
     crd.add_argument("-o", "--output", default="-")
     crd.set_defaults(func=_crd)
+
+    from . import docs_render
+
+    docs = sub.add_parser("docs", help="write docs/lifecycle-tables.md from the core tables")
+    docs_render.add_arguments(docs)
+    docs.set_defaults(func=docs_render.run)
 
     from .devenv.cli import add_dev_commands
 

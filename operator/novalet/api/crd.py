@@ -86,4 +86,11 @@ def crd_manifest() -> dict[str, Any]:
 
 def crd_yaml() -> str:
     header = "# Generated from operator/novalet/api/models.py by `novalet crd`. Do not edit.\n"
-    return header + yaml.safe_dump(crd_manifest(), sort_keys=False, width=100)
+    return header + yaml.dump(crd_manifest(), Dumper=_NoAliases, sort_keys=False, width=100)
+
+
+class _NoAliases(yaml.SafeDumper):
+    """Generated manifests repeat shared lists in full rather than as YAML anchors."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True

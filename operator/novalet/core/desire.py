@@ -62,11 +62,21 @@ def declarative_action(spec: VirtualInstanceSpec, status: VirtualInstanceStatus)
         return A.REBUILD if vm == V.ERROR and spec.image != (status.image or "") else None
     if spec.rescue:
         return A.RESCUE if vm in (V.ACTIVE, V.STOPPED) else POWER_STEPS.get(("Running", vm))
-    if status.flavor and spec.flavor != status.flavor and spec.flavor != status.revertedFlavor:
-        return A.RESIZE if vm in (V.ACTIVE, V.STOPPED) else None
-    if spec.image != (status.image or ""):
-        return A.REBUILD if vm in (V.ACTIVE, V.STOPPED) else None
-    return POWER_STEPS.get((spec.powerState, vm))
+    power_step = POWER_STEPS.get((spec.powerState, vm))
+    for wanted, action in ((_wants_resize(spec, status), A.RESIZE), (_wants_rebuild(spec, status), A.REBUILD)):
+        if wanted:
+            # From paused/suspended, step toward the power desire first; if that leads
+            # nowhere, return the action anyway so the policy's refusal is recorded.
+            return action if vm in (V.ACTIVE, V.STOPPED) or power_step is None else power_step
+    return power_step
+
+
+def _wants_resize(spec: VirtualInstanceSpec, status: VirtualInstanceStatus) -> bool:
+    return bool(status.flavor) and spec.flavor != status.flavor and spec.flavor != status.revertedFlavor
+
+
+def _wants_rebuild(spec: VirtualInstanceSpec, status: VirtualInstanceStatus) -> bool:
+    return spec.image != (status.image or "")
 
 
 def next_request(spec: VirtualInstanceSpec, status: VirtualInstanceStatus, generation: int,

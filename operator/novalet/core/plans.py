@@ -83,8 +83,9 @@ def plan_of(action: Action) -> Plan:
 
 
 def task_owner(task_state: TaskState) -> tuple[Plan, int]:
-    """The plan and step index a task state belongs to (every task state has exactly one,
-    except the escalation step, which belongs to both reboots: report the hard one)."""
+    """The plan and step index a task state belongs to. Nova's API-side states that no plan
+    writes (rebooting, rebooting_hard, image_uploading, migrating) raise KeyError; the
+    recovery table still has a rule for each."""
     for plan in PLANS.values():
         for index, step in enumerate(plan.steps):
             if step.task_state == task_state:

@@ -18,6 +18,7 @@ class DomainFacts(Protocol):
     power_state: PowerState | None
     config: str | None          # "normal" | "rescue" | None (not defined)
     issued: str | None          # journal: "<task id>:<op>" of the last operation issued
+    has_managed_save: bool      # shut off with a saved memory image (suspended)
 
 
 Kind = Literal["redo", "finish", "abandon", "revert", "error"]
@@ -82,7 +83,7 @@ POWER_TARGETS = {
 def _power(task: CurrentTask, facts: DomainFacts) -> Recovery:
     action, target = POWER_TARGETS[task.taskState]
     if _power_reached(target, facts, "normal"):
-        if target != V.SUSPENDED or getattr(facts, "has_managed_save", True):
+        if target != V.SUSPENDED or facts.has_managed_save:
             return Recovery("finish", action, vm_state=target)
     return Recovery("redo", action)
 
@@ -123,14 +124,23 @@ RULES = {
         "abandon", A.SET_PASSWORD, vm_state=task.originVmState, message="interrupted; request again"),
     T.MIGRATING: lambda task, facts: (
         Recovery("finish", "Migrate", vm_state=task.originVmState, message="domain runs here")
-        if facts.exists and facts.power_state == P.RUNNING else
+        if facts.exists and facts.power_state in EXPECTED_POWER.get(task.originVmState, ()) else
         Recovery("abandon", "Migrate", vm_state=task.originVmState,
                  message="migration interrupted: rolled back to the origin")),
     T.DELETING: lambda task, facts: Recovery("redo", A.DELETE),
 }
 
 
+# A task recovered this many times (each agent restart mid-task counts) goes to error instead
+# of looping: a spawn that crashes the agent every time must not retry forever.
+MAX_ATTEMPTS = 5
+
+
 def recover(task: CurrentTask, facts: DomainFacts) -> Recovery:
-    return RULES[task.taskState](task, facts)
+    rule = RULES[task.taskState](task, facts)
+    if rule.kind == "redo" and task.attempt >= MAX_ATTEMPTS:
+        return Recovery("error", rule.action, vm_state=V.ERROR,
+                        message=f"gave up after {task.attempt} attempts at {task.taskState.value}")
+    return rule
 
 

@@ -1,0 +1,222 @@
+"""Renders the lifecycle tables (policy, plans, recovery) as Markdown, from the code itself.
+
+`novalet docs` writes docs/lifecycle-tables.md; `novalet docs --check` fails when it is stale.
+Nothing here restates a rule: the policy and plan tables are read from their dicts, and the
+recovery table calls `recover()` on representative libvirt facts and prints what it decides.
+"""
+import argparse
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .api.models import CurrentTask
+from .core import plans, policy, recovery
+from .core.vocabulary import Action, PowerState, TaskState, VmState
+
+DEFAULT_OUTPUT = "docs/lifecycle-tables.md"
+HEADER = ("<!-- Generated from operator/novalet/core by `novalet docs`"
+          " (python -m novalet.docs_render). Do not edit. -->\n")
+
+
+def _code(value: object) -> str:
+    return f"`{value}`"
+
+
+def _states(states, universe, none_label: str | None = None) -> str:
+    states = set(states)
+    if states >= set(universe) and (none_label is None or None in states):
+        return "any"
+    parts = [none_label] if none_label is not None and None in states else []
+    parts += [_code(s) for s in universe if s in states]
+    return ", ".join(parts) or "-"
+
+
+# --- policy ---------------------------------------------------------------------------------------
+
+def policy_table() -> str:
+    lines = ["| Action | Allowed vmStates | Allowed taskStates |", "|---|---|---|"]
+    for action in Action:
+        rule = policy.POLICY[action]
+        lines.append(f"| {action.value} | {_states(rule.vm_states, VmState)} "
+                     f"| {_states(rule.task_states, TaskState, 'none (idle)')} |")
+    return "\n".join(lines)
+
+
+# --- plans ----------------------------------------------------------------------------------------
+
+def _end_state(plan: plans.Plan, succeeded: bool) -> str:
+    """What final_vm_state decides, probed with two different origins and pre-resize states."""
+    probes = [(VmState.PAUSED, VmState.STOPPED), (VmState.SUSPENDED, VmState.ACTIVE)]
+    results = [plans.final_vm_state(plan, o, p, succeeded) for o, p in probes]
+    if all(r == o for r, (o, _) in zip(results, probes)):
+        return "origin vmState"
+    if all(r == p for r, (_, p) in zip(results, probes)):
+        fallback = plans.final_vm_state(plan, VmState.RESIZED, None, succeeded)
+        return f"vmState before the resize (else {_code(fallback)})"
+    if results[0] == results[1]:
+        return _code(results[0])
+    return " / ".join(_code(r) for r in results)  # pragma: no cover - no such plan today
+
+
+def plan_table() -> str:
+    lines = ["| Action | Task states (operation) | On success | On failure |", "|---|---|---|---|"]
+    for action, plan in plans.PLANS.items():
+        steps = " → ".join(f"{_code(s.task_state)} ({s.op or 'acknowledge'})" for s in plan.steps)
+        lines.append(f"| {action.value} | {steps} | {_end_state(plan, True)} "
+                     f"| {_end_state(plan, False)} |")
+    unplanned = [a.value for a in Action if a not in plans.PLANS]
+    esc = plans.ESCALATE_TO_HARD
+    notes = [
+        f"A soft reboot the guest ignores escalates to {_code(esc.task_state)} ({esc.op}).",
+        f"No plan: {', '.join(unplanned) or 'none'} (sets the vmState directly, clears the task).",
+    ]
+    unowned = [t for t in TaskState
+               if not any(s.task_state == t for p in plans.PLANS.values() for s in p.steps)]
+    if unowned:
+        notes.append("Task states no plan writes (Nova names; the recovery table still covers them): "
+                     + ", ".join(_code(t) for t in unowned) + ".")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+# --- recovery -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Facts:
+    exists: bool = True
+    power_state: PowerState | None = PowerState.RUNNING
+    config: str | None = "normal"
+    issued: str | None = None
+    has_managed_save: bool = False
+
+
+_TASK_ID = "t"
+_NOW = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def _fact_cases(task_state: TaskState) -> list[tuple[str, _Facts]]:
+    cases = [("running", _Facts())]
+    try:
+        plan, index = plans.task_owner(task_state)
+        op = plan.steps[index].op
+    except KeyError:
+        op = None
+    if op is not None:
+        cases.append((f"running, `{op}` journaled", _Facts(issued=f"{_TASK_ID}:{op}")))
+    cases += [
+        ("running in rescue config", _Facts(config="rescue")),
+        ("paused", _Facts(power_state=PowerState.PAUSED)),
+        ("shut off", _Facts(power_state=PowerState.SHUTOFF)),
+        ("shut off with managed save", _Facts(power_state=PowerState.SHUTOFF, has_managed_save=True)),
+        ("crashed", _Facts(power_state=PowerState.CRASHED)),
+        ("not defined", _Facts(exists=False, power_state=None, config=None)),
+    ]
+    return cases
+
+
+def _describe(task_state: TaskState, facts: _Facts) -> str:
+    probes = (VmState.PAUSED, VmState.STOPPED)
+    results = [recovery.recover(CurrentTask(name="probe", id=_TASK_ID, taskState=task_state,
+                                            originVmState=origin, owner="docs", startedAt=_NOW),
+                                facts) for origin in probes]
+    r = results[0]
+    if r.vm_state is None:
+        where = ""
+    elif all(res.vm_state == o for res, o in zip(results, probes)):
+        where = " → origin vmState"
+    else:
+        where = f" → {_code(r.vm_state)}"
+    action = r.action.value if isinstance(r.action, Action) else r.action
+    text = f"{r.kind} {action}{where}"
+    if r.kind == "redo" and isinstance(r.action, Action) and r.action in plans.PLANS:
+        text += f" from {_code(plans.PLANS[r.action].steps[r.from_step].task_state)}"
+    if r.hard:
+        text += " (soft redone hard)"
+    if r.cleanup:
+        text += f", cleanup {_code(r.cleanup)}"
+    if r.message:
+        text += f": \"{r.message}\""
+    return text
+
+
+def recovery_table() -> str:
+    lines = ["| taskState on restart | Decision by libvirt facts |", "|---|---|"]
+    for task_state in TaskState:
+        groups: dict[str, list[str]] = {}
+        for label, facts in _fact_cases(task_state):
+            groups.setdefault(_describe(task_state, facts), []).append(label)
+        if len(groups) == 1:
+            cells = [f"any: {next(iter(groups))}"]
+        else:
+            cells = [f"{' / '.join(labels)}: {outcome}" for outcome, labels in groups.items()]
+        cell = "<br>".join(c.replace("|", "\\|") for c in cells)
+        lines.append(f"| {_code(task_state)} | {cell} |")
+    return "\n".join(lines)
+
+
+# --- document -------------------------------------------------------------------------------------
+
+def render() -> str:
+    return "\n".join([
+        HEADER,
+        "# novalet lifecycle tables",
+        "",
+        ("The tables the operator runs on, rendered from `operator/novalet/core` "
+         "(the rules behind them: DESIGN.md section 2)."),
+        "",
+        "## Admission policy",
+        "",
+        "An action is admitted only when the instance's vmState and taskState are both listed.",
+        "",
+        policy_table(),
+        "",
+        "## Action plans",
+        "",
+        ("The task states an action passes through (each written with a compare-and-swap before "
+         "its operation runs) and the vmState it ends in."),
+        "",
+        plan_table(),
+        "",
+        "## Recovery on agent start",
+        "",
+        ("What `recover()` decides for an instance found mid-task, for each kind of domain libvirt "
+         "reports (a journaled operation is the last one the agent recorded as issued for this "
+         "task). \"origin vmState\" is the vmState the task started from."),
+        "",
+        recovery_table(),
+        "",
+    ])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", default=DEFAULT_OUTPUT,
+                        help=f"where to write the Markdown ('-': stdout; default {DEFAULT_OUTPUT})")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 when the output file differs from the code")
+
+
+def run(args: argparse.Namespace) -> int:
+    text = render()
+    if args.check:
+        path = Path(args.output)
+        if not path.exists() or path.read_text() != text:
+            print(f"{path} is stale; regenerate it with: novalet docs -o {path}", file=sys.stderr)
+            return 1
+        return 0
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        path = Path(args.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="novalet docs", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""docs/lifecycle-tables.md is rendered from the core tables and must not drift from them."""
+from pathlib import Path
+
+from novalet import docs_render
+from novalet.core.vocabulary import Action, TaskState
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "lifecycle-tables.md"
+REGEN = ".venv/bin/python -m novalet.docs_render -o docs/lifecycle-tables.md  (or: novalet docs)"
+
+
+def test_checked_in_tables_match_the_code():
+    assert DOC.exists(), f"{DOC.relative_to(ROOT)} is missing; generate it with: {REGEN}"
+    assert DOC.read_text() == docs_render.render(), (
+        f"{DOC.relative_to(ROOT)} is stale; regenerate it with: {REGEN}")
+
+
+def test_every_action_and_task_state_has_a_row():
+    text = docs_render.render()
+    policy_rows = docs_render.policy_table().splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in policy_rows] == [a.value for a in Action]
+    recovery_rows = docs_render.recovery_table().splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in recovery_rows] == [f"`{t}`" for t in TaskState]
+    assert "| Delete | any | any |" in text
+
+
+def test_recovery_rows_come_from_recover():
+    rows = {row.split(" | ")[0].strip("| `"): row for row in docs_render.recovery_table().splitlines()[2:]}
+    assert "redo RebootHard from `reboot_started_hard` (soft redone hard)" in rows["reboot_started"]
+    assert "`reboot_hard` journaled: finish RebootHard → `active`" in rows["reboot_started_hard"]
+    assert "not defined: redo Create from `block_device_mapping`" in rows["spawning"]
+    assert "cleanup `remove_partial_snapshot`" in rows["image_snapshot"]
+
+
+def test_check_mode_reports_a_stale_file(tmp_path, capsys):
+    out = tmp_path / "tables.md"
+    assert docs_render.main(["--check", "-o", str(out)]) == 1
+    assert "novalet docs" in capsys.readouterr().err
+    assert docs_render.main(["-o", str(out)]) == 0
+    assert out.read_text() == docs_render.render()
+    assert docs_render.main(["--check", "-o", str(out)]) == 0
+    out.write_text(out.read_text() + "edited\n")
+    assert docs_render.main(["--check", "-o", str(out)]) == 1
