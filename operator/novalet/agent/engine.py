@@ -118,7 +118,8 @@ class Engine:
         `guard` says the task is still ours, else let the caller decide again."""
         while True:
             try:
-                return await self.store.write_status(body, mutate(parse(body).status))
+                status = _with_agent_ready(mutate(parse(body).status), self.node)
+                return await self.store.write_status(body, status)
             except Conflict:
                 if guard is None:
                     raise
@@ -135,10 +136,8 @@ class Engine:
         return guard
 
     async def _claim(self, body: dict[str, Any], inst: VirtualInstance) -> None:
-        def place(status: VirtualInstanceStatus) -> VirtualInstanceStatus:
-            placed = status.model_copy(update={"node": self.node, "domainUUID": inst.metadata.uid})
-            return _with_agent_ready(placed, self.node)
-        await self._cas(body, place, guard=None)
+        await self._cas(body, lambda s: s.model_copy(
+            update={"node": self.node, "domainUUID": inst.metadata.uid}), guard=None)
 
     # ---- carrying out a plan ---------------------------------------------------------
     async def _execute(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> None:
@@ -249,7 +248,7 @@ class Engine:
         if _same(synced, inst.status):
             return False
         await self._cas(body, lambda s: transitions.observe_power(
-            _with_agent_ready(s, self.node), facts.power_state, facts.exists, now()), guard=None)
+            s, facts.power_state, facts.exists, now()), guard=None)
         return True
 
     async def _reset_state(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> None:

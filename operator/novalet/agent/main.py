@@ -53,9 +53,9 @@ class Agent:
         self.scheduler = Scheduler(self.engine, self.lease_held)
         self.ops.on_domain_event(self.scheduler.kick_uid_threadsafe(asyncio.get_running_loop()))
 
-    async def hold_lease(self, stopped: kopf.DaemonStopped | asyncio.Event) -> None:
+    async def hold_lease(self) -> None:
         """Renew the node Lease; act only while holding it. On (re)gaining it, sweep first."""
-        while not stopped.is_set():
+        while True:
             try:
                 held = await self.lease.try_acquire_or_renew()
             except Exception as error:  # apiserver down: stop acting once the lease runs out
@@ -72,13 +72,17 @@ class Agent:
 
     async def sweep(self, retry_failed: bool = False) -> None:
         """Every instance of this node, before new work: recover tasks, reap orphans."""
-        bodies = await self.store.list()
+        bodies = await self.store.list_all()
         mine = [b for b in bodies if self.engine.is_mine(parse(b))]
         for body in mine:
             self.scheduler.remember(body)
         await asyncio.gather(*(self.engine.reconcile(b["metadata"]["namespace"], b["metadata"]["name"],
                                                      retry_failed=retry_failed) for b in mine))
-        await self.ops.reap_orphans({b["metadata"]["uid"] for b in bodies})
+        await self.ops.reap_orphans({b["metadata"]["uid"] for b in bodies}, self._still_exists)
+
+    async def _still_exists(self, meta) -> bool:
+        body = await self.store.get(meta.namespace, meta.name)
+        return body is not None and body["metadata"]["uid"] == meta.uid
 
     async def resync(self) -> None:
         while True:
@@ -99,7 +103,7 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
         settings.watching.server_timeout = 300
         settings.networking.error_backoffs = [1, 2, 5]
         await agent.start()
-        asyncio.get_running_loop().create_task(agent.hold_lease(asyncio.Event()))
+        asyncio.get_running_loop().create_task(agent.hold_lease())
         asyncio.get_running_loop().create_task(agent.resync())
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)

@@ -43,7 +43,7 @@ class InstanceStore:
                 return None
             raise
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def list_all(self) -> list[dict[str, Any]]:
         result = await self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
         return result["items"]
 

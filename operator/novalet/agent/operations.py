@@ -1,0 +1,189 @@
+"""The hypervisor operations a plan step names, run off the event loop.
+
+Before each operation the agent journals `<task id>:<op>` into the domain's own metadata, so
+after a crash the recovery table can tell an operation that was issued from one that was not
+(a reboot is never issued twice for one request).
+"""
+import asyncio
+import base64
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from ..api.models import VirtualInstance
+from ..core.vocabulary import PowerState
+from ..virt.hypervisor import DomainFacts, Hypervisor, HypervisorError, InstanceSpec
+
+log = logging.getLogger(__name__)
+
+
+class OperationError(Exception):
+    """An operation failed; the message is what the user reads in lastAction."""
+
+
+@dataclass(frozen=True)
+class Facts:
+    """libvirt's view of an instance's domain, in the core's vocabulary."""
+
+    exists: bool
+    power_state: PowerState | None
+    config: str | None
+    issued: str | None
+    has_managed_save: bool
+    domain_id: int | None
+
+    @classmethod
+    def of(cls, facts: DomainFacts) -> "Facts":
+        return cls(facts.exists, PowerState(facts.power_state) if facts.exists else None, facts.config,
+                   facts.issued, facts.has_managed_save, facts.domain_id)
+
+
+class Operations:
+    def __init__(self, hypervisor: Hypervisor, api: client.ApiClient, node: str, soft_reboot_timeout: float,
+                 stop_timeout: float = 60.0):
+        self.hv, self.node = hypervisor, node
+        self.core = client.CoreV1Api(api)
+        self.soft_reboot_timeout, self.stop_timeout = soft_reboot_timeout, stop_timeout
+
+    async def _call(self, fn, *args, **kwargs) -> Any:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except HypervisorError as error:
+            raise OperationError(str(error)) from error
+
+    async def facts(self, inst: VirtualInstance) -> Facts:
+        return Facts.of(await self._call(self.hv.facts, inst.metadata.uid))
+
+    def on_domain_event(self, callback) -> None:
+        self.hv.subscribe(lambda uid, event, detail: callback(uid))
+
+    async def run(self, op: str, inst: VirtualInstance) -> bool | None:
+        task = inst.status.currentTask
+        if task is not None:
+            await self._call(self.hv.mark_issued, inst.metadata.uid, f"{task.id}:{op}")
+        return await getattr(self, f"op_{op}")(inst)
+
+    def _spec(self, inst: VirtualInstance) -> InstanceSpec:
+        task = inst.status.currentTask
+        flavor = (task and task.targetFlavor) or inst.status.flavor or inst.spec.flavor
+        image = task.targetImage if task and task.targetImage is not None else (inst.status.image or "")
+        return InstanceSpec(uid=inst.metadata.uid, namespace=inst.metadata.namespace, name=inst.metadata.name,
+                            vcpus=flavor.vcpus, memory_mib=flavor.memoryMiB, image=image, node=self.node)
+
+    # ---- build -----------------------------------------------------------------------
+    async def op_plug_network(self, inst: VirtualInstance) -> None:
+        """Guests have no network devices yet: nothing to plug."""
+
+    async def op_prepare_disks(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.define, self._spec(inst))
+
+    async def op_spawn(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.define, self._spec(inst))
+        await self._call(self.hv.start, inst.metadata.uid)
+
+    # ---- power -----------------------------------------------------------------------
+    async def op_start(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.start, inst.metadata.uid)
+
+    async def op_stop(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.stop, inst.metadata.uid, True, self.stop_timeout)
+
+    async def op_pause(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.pause, inst.metadata.uid)
+
+    async def op_unpause(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.unpause, inst.metadata.uid)
+
+    async def op_suspend(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.suspend, inst.metadata.uid)
+
+    async def op_resume(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.resume, inst.metadata.uid)
+
+    async def op_reboot_soft(self, inst: VirtualInstance) -> bool:
+        return await self._call(self.hv.reboot_soft, inst.metadata.uid, self.soft_reboot_timeout)
+
+    async def op_reboot_hard(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.define, self._spec(inst))  # Nova regenerates the domain too
+        await self._call(self.hv.reboot_hard, inst.metadata.uid)
+
+    # ---- rescue, resize, rebuild -----------------------------------------------------
+    async def op_rescue(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.rescue, inst.metadata.uid)
+
+    async def op_unrescue(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.unrescue, inst.metadata.uid)
+
+    async def op_resize_power_off(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.stop, inst.metadata.uid, True, self.stop_timeout)
+
+    async def op_resize_apply_flavor(self, inst: VirtualInstance) -> None:
+        flavor = inst.status.currentTask.targetFlavor
+        await self._call(self.hv.resize, inst.metadata.uid, flavor.vcpus, flavor.memoryMiB, power_on=False)
+
+    async def op_resize_finish(self, inst: VirtualInstance) -> None:
+        if inst.status.currentTask.originPowerState == PowerState.RUNNING:
+            await self._call(self.hv.start, inst.metadata.uid)
+
+    async def op_confirm_resize(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.confirm_resize, inst.metadata.uid)
+
+    async def op_revert_resize(self, inst: VirtualInstance) -> None:
+        origin = inst.status.resizedFrom
+        power_on = origin is not None and origin.powerState == PowerState.RUNNING
+        await self._call(self.hv.revert_resize, inst.metadata.uid, power_on=power_on)
+
+    async def op_revert_resize_inflight(self, inst: VirtualInstance) -> None:
+        """Recovery of an interrupted resize: back to the origin flavor and power state."""
+        task = inst.status.currentTask
+        power_on = task.originPowerState == PowerState.RUNNING
+        flavor = task.originFlavor
+        await self._call(self.hv.resize, inst.metadata.uid, flavor.vcpus, flavor.memoryMiB, power_on=power_on)
+        await self._call(self.hv.confirm_resize, inst.metadata.uid)
+
+    async def op_rebuild_teardown(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.destroy, inst.metadata.uid)
+
+    async def op_rebuild_disks(self, inst: VirtualInstance) -> None:
+        image = inst.status.currentTask.targetImage or ""
+        await self._call(self.hv.rebuild, inst.metadata.uid, image, power_on=False)
+
+    # ---- snapshot, password, delete --------------------------------------------------
+    async def op_snapshot(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.snapshot, inst.metadata.uid, inst.spec.action.snapshotName)
+
+    async def op_remove_partial_snapshot(self, inst: VirtualInstance) -> None:
+        name = inst.spec.action.snapshotName if inst.spec.action else None
+        await self._call(self.hv.cleanup_partial_snapshot, name)
+
+    async def op_set_password(self, inst: VirtualInstance) -> None:
+        ref = inst.spec.action.secretRef
+        try:
+            secret = await self.core.read_namespaced_secret(ref.name, inst.metadata.namespace)
+        except ApiException as error:
+            raise OperationError(f"cannot read Secret {ref.name}: {error.reason}") from error
+        encoded = (secret.data or {}).get(ref.key)
+        if encoded is None:
+            raise OperationError(f"Secret {ref.name} has no key {ref.key}")
+        password = base64.b64decode(encoded).decode()
+        await self._call(self.hv.set_password, inst.metadata.uid, inst.spec.action.user or "root", password)
+
+    async def op_delete(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.undefine_and_delete, inst.metadata.uid)
+
+    # ---- orphans ---------------------------------------------------------------------
+    async def reap_orphans(self, known_uids: set[str], still_exists) -> list[str]:
+        """Remove domains of this node whose VirtualInstance is gone. `still_exists(meta)`
+        re-checks each candidate against the apiserver, so an object created after the
+        listing is never reaped."""
+        reaped = []
+        for meta in await self._call(self.hv.list_instances):
+            if meta.node != self.node or meta.uid in known_uids or await still_exists(meta):
+                continue
+            log.warning("reaping orphan domain of %s/%s (uid %s)", meta.namespace, meta.name, meta.uid)
+            await self._call(self.hv.undefine_and_delete, meta.uid)
+            reaped.append(meta.uid)
+        return reaped

@@ -1,0 +1,1 @@
+"""The cluster-level controller: the validating webhook and the agents' heartbeat watch."""

@@ -1,0 +1,87 @@
+"""Marks instances whose node agent is gone: HostAgentReady=False with the last renewal.
+
+Something alive must say that an agent is not: the agent itself cannot. This runs in the
+cluster controller; the agent sets the condition back to True when it returns.
+"""
+import asyncio
+import logging
+from datetime import datetime, timezone
+
+from kubernetes_asyncio import client
+
+from ..api.models import Condition, VirtualInstance, VirtualInstanceStatus
+from ..core.desire import imperative_action, seen_ids
+from ..kube.instances import Conflict, InstanceStore, parse
+from ..kube.lease import LeaseView, view
+
+log = logging.getLogger(__name__)
+NODE_LABEL = "novalet.io/node"
+
+
+def agent_condition(inst: VirtualInstance, leases: dict[str, LeaseView], now: datetime) -> Condition | None:
+    """The HostAgentReady=False condition this instance should show, or None (agent alive)."""
+    node = inst.status.node or inst.spec.nodeName
+    live = {n for n, lease in leases.items() if not lease.expired(now)}
+    if node is None:
+        if live:
+            return None
+        reason, message = "NoAgent", "no novalet agent is running to take this instance"
+    elif node in live:
+        return None
+    else:
+        lease = leases.get(node)
+        when = lease.renewed.isoformat() if lease and lease.renewed else "never"
+        reason = "AgentUnavailable"
+        message = f"the agent of node {node} last renewed its lease at {when}"
+    waiting = imperative_action(inst.spec) and inst.spec.action.id not in seen_ids(inst.status)
+    if waiting:
+        message += f"; request {inst.spec.action.id} waits for it and runs when it returns"
+    return Condition(type="HostAgentReady", status="False", reason=reason, message=message,
+                     lastTransitionTime=now.replace(microsecond=0))
+
+
+def with_condition(status: VirtualInstanceStatus, condition: Condition) -> VirtualInstanceStatus | None:
+    """The status with the condition set, or None when it already says the same."""
+    old = next((c for c in status.conditions if c.type == condition.type), None)
+    if old and (old.status, old.reason, old.message) == (condition.status, condition.reason, condition.message):
+        return None
+    if old and old.status == condition.status:
+        condition = condition.model_copy(update={"lastTransitionTime": old.lastTransitionTime})
+    others = [c for c in status.conditions if c.type != condition.type]
+    return status.model_copy(update={"conditions": [*others, condition]})
+
+
+class HeartbeatWatch:
+    def __init__(self, api: client.ApiClient, lease_namespace: str, interval_s: float = 5.0):
+        self.coordination = client.CoordinationV1Api(api)
+        self.store = InstanceStore(api)
+        self.lease_namespace, self.interval_s = lease_namespace, interval_s
+
+    async def leases(self) -> dict[str, LeaseView]:
+        result = await self.coordination.list_namespaced_lease(self.lease_namespace, label_selector=NODE_LABEL)
+        return {lease.metadata.labels[NODE_LABEL]: view(lease) for lease in result.items}
+
+    async def check_once(self) -> int:
+        now = datetime.now(timezone.utc)
+        leases = await self.leases()
+        marked = 0
+        for body in await self.store.list_all():
+            inst = parse(body)
+            condition = agent_condition(inst, leases, now)
+            status = condition and with_condition(inst.status, condition)
+            if status is None:
+                continue
+            try:
+                await self.store.write_status(body, status)
+                marked += 1
+            except Conflict:
+                pass  # someone wrote first (maybe the agent, back): next round looks again
+        return marked
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.check_once()
+            except Exception:
+                log.exception("heartbeat check failed")
+            await asyncio.sleep(self.interval_s)

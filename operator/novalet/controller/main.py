@@ -1,0 +1,94 @@
+"""`novalet controller`: the validating webhook and the heartbeat watch (one per cluster)."""
+import argparse
+import asyncio
+import base64
+import logging
+from pathlib import Path
+from typing import Any
+
+import kopf
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from .. import GROUP, PLURAL, VERSION
+from ..api.models import VirtualInstance
+from ..core.admission import review
+from ..kube.client import api_client
+from ..tls import self_signed
+from .heartbeat import HeartbeatWatch
+
+log = logging.getLogger("novalet.controller")
+WEBHOOK_NAME = "validate.virtualinstances.novalet.io"
+HANDLER_ID = "validate"
+
+
+def _parse(body: Any) -> VirtualInstance | None:
+    return VirtualInstance.model_validate(dict(body)) if body else None
+
+
+def webhook_configuration(url: str, ca_bundle: bytes) -> dict[str, Any]:
+    """Called only when the spec changes (matchConditions): the agent's metadata and status
+    writes never depend on the webhook being up, so a down webhook cannot wedge a delete."""
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": WEBHOOK_NAME},
+        "webhooks": [{
+            "name": WEBHOOK_NAME, "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "failurePolicy": "Fail", "timeoutSeconds": 5,
+            "clientConfig": {"url": url, "caBundle": base64.b64encode(ca_bundle).decode()},
+            "rules": [{"apiGroups": [GROUP], "apiVersions": [VERSION], "resources": [PLURAL],
+                       "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"}],
+            "matchConditions": [{"name": "spec-changed",
+                                 "expression": "request.operation == 'CREATE' || object.spec != oldObject.spec"}],
+        }],
+    }
+
+
+async def ensure_webhook_configuration(api: client.ApiClient, url: str, ca_bundle: bytes) -> None:
+    admission = client.AdmissionregistrationV1Api(api)
+    body = webhook_configuration(url, ca_bundle)
+    try:
+        existing = await admission.read_validating_webhook_configuration(WEBHOOK_NAME)
+        body["metadata"]["resourceVersion"] = existing.metadata.resource_version
+        await admission.replace_validating_webhook_configuration(WEBHOOK_NAME, body)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+        await admission.create_validating_webhook_configuration(body)
+
+
+def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.posting.enabled = False
+        api = await api_client()
+        if args.webhook_port:
+            host = args.webhook_host
+            cert, key = ((args.tls_cert, args.tls_key) if args.tls_cert
+                         else self_signed([host], args.state_dir / "webhook-tls"))
+            settings.admission.server = kopf.WebhookServer(
+                addr=args.webhook_addr, port=args.webhook_port, host=host, certfile=str(cert), pkeyfile=str(key))
+            settings.admission.managed = None  # we write the configuration: it needs matchConditions
+            url = f"https://{host}:{args.webhook_port}/{HANDLER_ID}"
+            await ensure_webhook_configuration(api, url, Path(cert).read_bytes())
+        watch = HeartbeatWatch(api, args.lease_namespace)
+        asyncio.get_running_loop().create_task(watch.run())
+
+    @kopf.on.validate(GROUP, VERSION, PLURAL, id=HANDLER_ID, registry=registry,
+                      operations=["CREATE", "UPDATE"])
+    def validate(body: kopf.Body, old: Any, userinfo: dict[str, Any], **_: Any) -> None:
+        why = review(_parse(body), _parse(old), list(userinfo.get("groups") or []))
+        if why:
+            raise kopf.AdmissionError(why, code=422)
+
+    return registry
+
+
+def run_controller(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    registry = build_registry(args)
+    asyncio.run(kopf.operator(registry=registry, standalone=True, clusterwide=True))
+    return 0

@@ -1,0 +1,141 @@
+"""Drives novalet the way a user does: patch spec, read status; runs agents as OS processes."""
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio import client
+
+from novalet import GROUP, PLURAL, VERSION
+
+MERGE = "application/merge-patch+json"
+
+
+@dataclass
+class AgentProcess:
+    node: str
+    log: Path
+    process: subprocess.Popen
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def crashed(self) -> bool:
+        return self.process.poll() == -signal.SIGKILL
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
+
+
+@dataclass
+class Agents:
+    """Starts `novalet run` processes for one test (all share the test's namespace)."""
+
+    kubeconfig: Path
+    libvirt_uri: str
+    image_pool: Path
+    workdir: Path
+    namespace: str
+    domain_type: str
+    started: list[AgentProcess] = field(default_factory=list)
+
+    def start(self, node: str, crash_at: str | None = None, soft_reboot_timeout: float = 4.0,
+              extra_env: dict[str, str] | None = None) -> AgentProcess:
+        state = self.workdir / f"state-{node}"
+        log = self.workdir / f"agent-{node}-{len(self.started)}.log"
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **(extra_env or {})}
+        env.pop("NOVALET_CRASH_AT", None)
+        if crash_at:
+            env["NOVALET_CRASH_AT"] = crash_at
+        cmd = [sys.executable, "-m", "novalet.cli", "run", "--node-name", node,
+               "--libvirt-uri", self.libvirt_uri, "--image-pool", str(self.image_pool),
+               "--state-dir", str(state), "--namespace", self.namespace,
+               "--soft-reboot-timeout", str(soft_reboot_timeout), "--domain-type", self.domain_type]
+        with log.open("ab") as out:
+            process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+        agent = AgentProcess(node, log, process)
+        self.started.append(agent)
+        return agent
+
+    def stop_all(self) -> None:
+        for agent in self.started:
+            agent.stop()
+
+
+def unique_node() -> str:
+    return f"node-{uuid.uuid4().hex[:8]}"
+
+
+class Instances:
+    """VirtualInstance objects in one namespace, through the real apiserver."""
+
+    def __init__(self, api: client.ApiClient, namespace: str):
+        self.custom = client.CustomObjectsApi(api)
+        self.namespace = namespace
+
+    async def create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "VirtualInstance",
+                "metadata": {"name": name, "namespace": self.namespace}, "spec": spec}
+        return await self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
+
+    async def get(self, name: str) -> dict[str, Any] | None:
+        try:
+            return await self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        except client.exceptions.ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def patch_spec(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return await self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec}, _content_type=MERGE)
+
+    async def request(self, name: str, action: dict[str, Any]) -> dict[str, Any]:
+        return await self.patch_spec(name, {"action": action})
+
+    async def delete(self, name: str) -> None:
+        await self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    async def wait(self, name: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0,
+                   what: str = "condition", agents: Agents | None = None) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        body = None
+        while time.monotonic() < deadline:
+            body = await self.get(name)
+            if body is not None and predicate(body):
+                return body
+            await asyncio.sleep(0.25)
+        logs = "\n".join(f"--- {a.log.name}\n{a.tail()}" for a in (agents.started if agents else []))
+        raise AssertionError(f"{name}: timed out after {timeout}s waiting for {what}; "
+                             f"status={body and body.get('status')}\n{logs}")
+
+    async def wait_idle(self, name: str, vm_state: str, timeout: float = 90.0,
+                        agents: Agents | None = None, last_id: str | None = None) -> dict[str, Any]:
+        def idle(body: dict[str, Any]) -> bool:
+            status = body.get("status") or {}
+            done = last_id is None or (status.get("lastAction") or {}).get("id") == last_id
+            return status.get("vmState") == vm_state and status.get("taskState") is None and done
+        return await self.wait(name, idle, timeout, f"vmState={vm_state} and no task"
+                               + (f" after {last_id}" if last_id else ""), agents)
+
+
+def status_of(body: dict[str, Any]) -> dict[str, Any]:
+    return body.get("status") or {}
