@@ -1,0 +1,145 @@
+"""`novalet dev up|down|status|env`: the local stack (control plane + private libvirtd).
+
+The daemons are started detached (each in its own session, pids in the state dir), so they
+outlive the command; `dev down` stops exactly those processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .controlplane import ControlPlane, ControlPlaneError, find_bin_dir, repo_root
+from .libvirtd import Libvirtd, LibvirtdError, domain_type
+
+
+def default_state_dir() -> Path:
+    if os.environ.get("NOVALET_STATE_DIR"):
+        return Path(os.environ["NOVALET_STATE_DIR"]).absolute()
+    root = repo_root()
+    if root is not None:
+        return root / ".novalet-dev"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "novalet-dev"
+
+
+def _stack(args: argparse.Namespace) -> tuple[Path, ControlPlane, Libvirtd]:
+    state = Path(args.state_dir).absolute() if args.state_dir else default_state_dir()
+    return state, ControlPlane(state / "kube"), Libvirtd(state / "libvirt")
+
+
+def _err(msg: str) -> None:
+    print(f"novalet dev: {msg}", file=sys.stderr)
+
+
+def _up(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    state, cp, lv = _stack(args)
+    state.mkdir(parents=True, exist_ok=True)
+    try:
+        if cp.is_running() and cp.ready():
+            print(f"control plane already up: {cp.server}")
+        else:
+            if cp.is_running():  # partial or unhealthy leftovers: restart cleanly
+                cp.stop()
+            cp = ControlPlane(cp.state_dir, bin_dir=find_bin_dir())
+            cp.start()
+            print(f"control plane up: {cp.server}")
+        if not args.no_crds:
+            files = cp.apply_crds(Path(args.crds) if args.crds else None)
+            print(f"CRDs applied: {', '.join(f.name for f in files) or '(none found)'}")
+        if not args.no_libvirt:
+            if lv.is_running() and lv.healthy():
+                print(f"libvirtd already up: {lv.uri}")
+            else:
+                lv.start()
+                print(f"libvirtd up: {lv.uri} (domain type {domain_type()})")
+    except (ControlPlaneError, LibvirtdError) as e:
+        _err(str(e))
+        return 1
+    print(f"ready in {time.monotonic() - t0:.1f}s; run: eval \"$(novalet dev env)\"")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    _, cp, lv = _stack(args)
+    was = cp.is_running() or lv.is_running()
+    lv.stop(destroy_domains=not args.keep_guests)
+    cp.stop()
+    print("stopped" if was else "not running")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    state, cp, lv = _stack(args)
+    cps, lvs = cp.status(), lv.status()
+    ok = all(c["running"] and c.get("healthy") for c in cps["components"].values()) and lvs["healthy"]
+    if args.json:
+        print(json.dumps({"state_dir": str(state), "up": ok, "controlplane": cps, "libvirtd": lvs}, indent=2))
+        return 0 if ok else 3
+    print(f"state dir: {state}")
+    rows = [(n, c) for n, c in cps["components"].items()] + [("libvirtd", lvs)]
+    for name, c in rows:
+        if not c["running"]:
+            print(f"  {name:<24} stopped")
+            continue
+        where = f"port {c['port']}" if c.get("port") else (c.get("uri") or "")
+        health = "healthy" if c.get("healthy") else "UNHEALTHY"
+        print(f"  {name:<24} pid {c['pid']:<8} {health:<9} {where}  (log {c['log']})")
+    if cps["server"]:
+        print(f"  server: {cps['server']}  kubeconfig: {cps['kubeconfig']}")
+    print(f"  libvirt uri: {lvs['uri']}  domain type: {domain_type()}")
+    return 0 if ok else 3
+
+
+def _env(args: argparse.Namespace) -> int:
+    _, cp, lv = _stack(args)
+    if not cp.kubeconfig.exists():
+        _err("the stack was never started here: run `novalet dev up`")
+        return 1
+    print(f"export KUBECONFIG={shlex.quote(str(cp.kubeconfig))}")
+    print(f"export LIBVIRT_DEFAULT_URI={shlex.quote(lv.uri)}")
+    if cp.known_bin_dir:
+        print(f"export PATH={shlex.quote(str(cp.known_bin_dir))}:\"$PATH\"")
+    if not (cp.is_running() and lv.is_running()):
+        _err("warning: the stack is not (fully) running: run `novalet dev up`")
+    return 0
+
+
+def add_dev_commands(subparsers) -> argparse.ArgumentParser:
+    """Register `dev {up,down,status,env}` on an argparse subparsers object."""
+    dev = subparsers.add_parser("dev", help="the local development stack (Kubernetes control plane + libvirtd)")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state-dir", default=None,
+                       help="state directory (default: $NOVALET_STATE_DIR or <repo>/.novalet-dev)")
+
+    up = dev_sub.add_parser("up", help="start etcd, kube-apiserver, kube-controller-manager and libvirtd "
+                                       "(detached) and install the CRDs")
+    common(up)
+    up.add_argument("--no-libvirt", action="store_true", help="do not start libvirtd")
+    up.add_argument("--no-crds", action="store_true", help="do not install the CRDs")
+    up.add_argument("--crds", default=None, help="directory of CRD YAML files (default: <repo>/crds)")
+    up.set_defaults(func=_up)
+
+    down = dev_sub.add_parser("down", help="stop the stack started by `dev up`")
+    common(down)
+    down.add_argument("--keep-guests", action="store_true",
+                      help="leave QEMU guests running (default: destroy and undefine them)")
+    down.set_defaults(func=_down)
+
+    status = dev_sub.add_parser("status", help="what runs: pids, ports, health (exit 3 when not all up)")
+    common(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+
+    env = dev_sub.add_parser("env", help="print shell exports: eval \"$(novalet dev env)\"")
+    common(env)
+    env.set_defaults(func=_env)
+    return dev

@@ -1,0 +1,483 @@
+"""A private libvirtd with the QEMU driver, for development and tests.
+
+Why a mount namespace
+---------------------
+Run as root, libvirtd uses the *privileged* QEMU driver, whose paths are compiled in and
+cannot be moved by configuration: it reads ``/etc/libvirt/qemu.conf`` and keeps domain state in
+``/run/libvirt/qemu``, ``/var/lib/libvirt/qemu``, ``/var/cache/libvirt/qemu`` and
+``/var/log/libvirt/qemu`` (only the daemon's own config file, pid file, sockets and log output can
+be redirected, with ``--config``, ``--pid-file``, ``unix_sock_dir`` and ``log_outputs``). To run
+a daemon next to a system libvirtd without reading or clobbering its state, we start libvirtd in a
+private mount namespace (``unshare --mount --propagation private``) whose bind mounts put this
+daemon's own directories over those five system paths. Nothing is visible outside the namespace;
+the client socket lives in the state directory, outside the bind-mounted paths, so clients in the
+host namespace reach it through ``qemu+unix:///system?socket=<state>/libvirt-sock``. The
+namespace lives as long as any process in it: QEMU guests inherit it and keep it alive across a
+libvirtd restart, and a restarted libvirtd gets a new namespace with the same bind mounts, so it
+finds the same monitor sockets and pid files and reconnects to the running guests.
+(The mount points are created empty on the host when missing: ``mkdir`` is not namespaced.
+An empty directory does not disturb a system libvirtd installed later.)
+
+Also inside the namespace, ``/sys/fs/cgroup`` is unmounted (lazily; the host keeps it). With
+``cgroup_controllers = [ ]`` libvirt 9.0 starts guests fine, but when a restarted daemon
+reconnects to a running guest it insists on finding its cgroup ("At least one cgroup controller
+is required") and *kills the guest* (``shutting down, reason=daemon``). With no cgroup file
+system mounted, ``virCgroupAvailable()`` is false and libvirt skips cgroups on both paths.
+
+Other choices: ``security_driver = "none"``, QEMU runs as root, no QEMU mount namespace
+(``namespaces = [ ]``), ``stdio_handler = "file"`` (no virtlogd, whose socket would sit in the
+private /run/libvirt), and the Debian build refuses to initialise the QEMU driver unless the user
+``libvirt-qemu`` exists, so it is created (``useradd --system``) when missing. libvirtd does not
+stop QEMU guests when it exits (that is the job of the separate libvirt-guests service), so
+``restart()`` keeps guests running.
+
+Probing QEMU's capabilities takes several seconds on a cold cache; each daemon has its own cache
+directory, seeded from (and saved to) a shared copy in the user cache so that starts are fast.
+libvirt checks each cached entry against the QEMU binary and re-probes when stale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = [
+    "Libvirtd",
+    "LibvirtdError",
+    "cache_root",
+    "domain_type",
+    "kvm_probe_file",
+    "record_kvm_probe",
+]
+
+# system path -> name of our private directory under the state dir
+BIND_MOUNTS = {
+    "/etc/libvirt": "etc",
+    "/run/libvirt": "run",
+    "/var/lib/libvirt": "lib",
+    "/var/log/libvirt": "log",
+    "/var/cache/libvirt": "cache",
+}
+
+
+class LibvirtdError(RuntimeError):
+    pass
+
+
+def cache_root() -> Path:
+    """The user cache for novalet (same rule as hack/build-controlplane.sh)."""
+    if os.environ.get("NOVALET_CACHE"):
+        return Path(os.environ["NOVALET_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "novalet"
+
+
+def kvm_probe_file() -> Path:
+    """Where a KVM boot probe records its result (JSON: {"kvm_boots": bool, ...})."""
+    return cache_root() / "kvm-probe.json"
+
+
+def record_kvm_probe(kvm_boots: bool, **detail) -> Path:
+    """Record whether a real guest finished booting under KVM on this machine."""
+    path = kvm_probe_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"kvm_boots": bool(kvm_boots), "time": time.time(), **detail}))
+    tmp.replace(path)
+    return path
+
+
+def domain_type() -> str:
+    """The libvirt domain type to use: "kvm" only when proven, else "qemu" (TCG).
+
+    /dev/kvm alone proves nothing (on these machines it is a software nested mode where real
+    guests never finish booting). "kvm" only if NOVALET_DOMAIN_TYPE=kvm or the probe file says a
+    guest booted under KVM. NOVALET_DOMAIN_TYPE=qemu forces TCG.
+    """
+    forced = os.environ.get("NOVALET_DOMAIN_TYPE", "").strip().lower()
+    if forced in ("kvm", "qemu"):
+        return forced
+    try:
+        result = json.loads(kvm_probe_file().read_text())
+    except (OSError, ValueError):
+        return "qemu"
+    return "kvm" if isinstance(result, dict) and result.get("kvm_boots") is True else "qemu"
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return f"(no log at {path})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def ensure_libvirt_qemu_user() -> None:
+    """Debian's libvirtd refuses to initialise the QEMU driver without this user."""
+    import pwd
+
+    try:
+        pwd.getpwnam("libvirt-qemu")
+        return
+    except KeyError:
+        pass
+    if os.geteuid() != 0:
+        raise LibvirtdError("user libvirt-qemu is missing; create it as root: "
+                            "useradd --system --no-create-home --shell /usr/sbin/nologin libvirt-qemu")
+    r = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/var/lib/libvirt",
+                        "--shell", "/usr/sbin/nologin", "libvirt-qemu"], capture_output=True, text=True, check=False)
+    if r.returncode not in (0, 9):  # 9: exists (created concurrently)
+        raise LibvirtdError(f"useradd libvirt-qemu failed: {r.stderr.strip()}")
+
+
+class Libvirtd:
+    """A private libvirtd whose whole state lives in ``state_dir``.
+
+    ``start()`` launches it in a new session (its own process group), so it outlives the caller
+    when not stopped; the pid is in ``<state_dir>/libvirtd.pid``. ``Libvirtd(state_dir)`` on the
+    same directory from another process sees and controls the same daemon.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike, *, shared_caps_cache: Path | None = None,
+                 log_level: int = 3):
+        self.state_dir = Path(state_dir).absolute()
+        self.shared_caps_cache = shared_caps_cache or (cache_root() / "libvirt-qemu-capabilities")
+        self.log_level = log_level
+        self._proc: subprocess.Popen | None = None
+
+    # paths ------------------------------------------------------------------------------
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "libvirt-sock"
+
+    @property
+    def uri(self) -> str:
+        return f"qemu+unix:///system?socket={self.socket_path}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "libvirtd.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / "libvirtd.log"
+
+    @property
+    def stdout_file(self) -> Path:
+        return self.state_dir / "libvirtd.out"
+
+    @property
+    def config_file(self) -> Path:
+        return self.state_dir / "etc" / "libvirtd.conf"
+
+    def private_dir(self, system_path: str) -> Path:
+        return self.state_dir / BIND_MOUNTS[system_path]
+
+    @property
+    def qemu_log_dir(self) -> Path:
+        """Where each guest's QEMU log (<name>.log) lands."""
+        return self.private_dir("/var/log/libvirt") / "qemu"
+
+    @property
+    def qemu_run_dir(self) -> Path:
+        """Holds <name>.pid for each running guest."""
+        return self.private_dir("/run/libvirt") / "qemu"
+
+    def qemu_pid(self, domain_name: str) -> int | None:
+        try:
+            return int((self.qemu_run_dir / f"{domain_name}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    # state ------------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """The pid of our running libvirtd, or None."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            if self._proc is not None and self._proc.poll() is None:
+                return self._proc.pid
+            return None
+        if not _pid_alive(pid):
+            return None
+        cmd = _cmdline(pid)
+        # guard against pid reuse: it must be a libvirtd running our config
+        if not cmd or "libvirtd" not in os.path.basename(cmd[0]) or str(self.config_file) not in cmd:
+            return None
+        return pid
+
+    def is_running(self) -> bool:
+        return self.pid is not None
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        """True when the daemon answers on its socket."""
+        if not self._socket_accepts():
+            return False
+        import libvirt
+
+        try:
+            conn = self.connect()
+        except libvirt.libvirtError:
+            return False
+        try:
+            conn.getLibVersion()
+            return True
+        except libvirt.libvirtError:
+            return False
+        finally:
+            conn.close()
+
+    def connect(self):
+        import libvirt
+
+        return libvirt.open(self.uri)
+
+    def _socket_accepts(self) -> bool:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(0.5)
+        try:
+            s.connect(str(self.socket_path))
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    # configuration ----------------------------------------------------------------------
+    def _write_config(self) -> None:
+        for name in BIND_MOUNTS.values():
+            (self.state_dir / name).mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(
+            f'unix_sock_dir = "{self.state_dir}"\n'
+            'unix_sock_group = "root"\n'
+            'unix_sock_ro_perms = "0777"\n'
+            'unix_sock_rw_perms = "0770"\n'
+            'unix_sock_admin_perms = "0700"\n'
+            'auth_unix_ro = "none"\n'
+            'auth_unix_rw = "none"\n'
+            f'log_outputs = "{self.log_level}:file:{self.log_file}"\n'
+        )
+        # read by the privileged QEMU driver as /etc/libvirt/qemu.conf inside the namespace
+        (self.private_dir("/etc/libvirt") / "qemu.conf").write_text(
+            'user = "root"\n'
+            'group = "root"\n'
+            "dynamic_ownership = 0\n"
+            'security_driver = "none"\n'
+            "cgroup_controllers = [ ]\n"
+            "namespaces = [ ]\n"
+            'stdio_handler = "file"\n'
+            "remember_owner = 0\n"
+        )
+
+    def _caps_dir(self) -> Path:
+        return self.private_dir("/var/cache/libvirt") / "qemu" / "capabilities"
+
+    def _seed_caps_cache(self) -> None:
+        ours, shared = self._caps_dir(), self.shared_caps_cache
+        if (ours.is_dir() and any(ours.iterdir())) or not shared.is_dir():
+            return
+        ours.mkdir(parents=True, exist_ok=True)
+        for f in shared.glob("*.xml"):
+            shutil.copy2(f, ours / f.name)
+
+    def _save_caps_cache(self) -> None:
+        ours, shared = self._caps_dir(), self.shared_caps_cache
+        files = list(ours.glob("*.xml")) if ours.is_dir() else []
+        if not files:
+            return
+        try:
+            if shared.is_dir() and {f.name for f in shared.glob("*.xml")} == {f.name for f in files} and all(
+                (shared / f.name).stat().st_mtime >= f.stat().st_mtime for f in files
+            ):
+                return
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".caps-", dir=shared.parent))
+            for f in files:
+                shutil.copy2(f, tmp / f.name)
+            old = shared.with_name(shared.name + f".old-{os.getpid()}")
+            if shared.exists():
+                shared.rename(old)
+            tmp.rename(shared)
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass  # only an optimisation
+
+    # lifecycle --------------------------------------------------------------------------
+    def check_prerequisites(self) -> None:
+        missing = [t for t in ("libvirtd", "unshare", "mount", "umount") if not shutil.which(t)
+                   and not os.path.exists(f"/usr/sbin/{t}")]
+        if missing:
+            raise LibvirtdError(f"missing {', '.join(missing)}: run `sudo hack/setup.sh` "
+                                "(installs libvirt-daemon, libvirt-daemon-driver-qemu, qemu-system-x86)")
+        if not os.path.exists("/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so") \
+                and not list(Path("/usr/lib").glob("*/libvirt/connection-driver/libvirt_driver_qemu.so")):
+            raise LibvirtdError("libvirt's QEMU driver is missing: run `sudo hack/setup.sh` "
+                                "(apt-get install libvirt-daemon-driver-qemu)")
+        if not shutil.which("qemu-system-x86_64"):
+            raise LibvirtdError("qemu-system-x86_64 is missing: run `sudo hack/setup.sh` "
+                                "(apt-get install qemu-system-x86)")
+        if os.geteuid() != 0:
+            raise LibvirtdError("the private libvirtd needs root (it runs the privileged QEMU driver in a "
+                                "private mount namespace): run the tests / `novalet dev up` as root or via sudo")
+
+    def _command(self) -> list[str]:
+        libvirtd = shutil.which("libvirtd") or "/usr/sbin/libvirtd"
+        mounts = []
+        for target, name in BIND_MOUNTS.items():
+            mounts.append(f"mount --bind {self.state_dir / name} {target}")
+        script = (
+            "set -e\n"
+            + "\n".join(mounts)
+            + "\n"
+            # see module docstring: hide cgroups so reconnecting to guests does not kill them
+            + "if [ -d /sys/fs/cgroup ] && grep -q ' /sys/fs/cgroup' /proc/self/mounts; then umount -l /sys/fs/cgroup; fi\n"
+            + f'exec {libvirtd} --config "$1" --pid-file "$2"\n'
+        )
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "novalet-libvirtd",
+                str(self.config_file), str(self.pid_file)]
+
+    def start(self, timeout: float = 20.0) -> Libvirtd:
+        if self.is_running():
+            if self.healthy():
+                return self
+            raise LibvirtdError(f"a libvirtd (pid {self.pid}) runs on {self.state_dir} but does not answer; "
+                                f"log tail:\n{_tail(self.log_file)}")
+        self.check_prerequisites()
+        ensure_libvirt_qemu_user()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        for target in BIND_MOUNTS:
+            os.makedirs(target, exist_ok=True)  # mount points; empty, see module docstring
+        self._seed_caps_cache()
+        self.pid_file.unlink(missing_ok=True)
+        self.socket_path.unlink(missing_ok=True)
+        log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
+        with open(self.stdout_file, "ab") as out:
+            self._proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                raise LibvirtdError(self._failure(f"libvirtd exited with {self._proc.returncode}", log_start))
+            if self._socket_accepts() and self.healthy():
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LibvirtdError(self._failure(f"libvirtd did not answer within {timeout}s", log_start))
+            time.sleep(0.02)
+        self._save_caps_cache()
+        return self
+
+    def _failure(self, what: str, log_start: int = 0) -> str:
+        log = _tail(self.log_file, 20)
+        out = _tail(self.stdout_file, 10)
+        return f"{what} (state {self.state_dir})\n--- {self.log_file} ---\n{log}\n--- {self.stdout_file} ---\n{out}"
+
+    def destroy_all_domains(self, undefine: bool = True) -> None:
+        """Destroy (and undefine) every domain of this daemon."""
+        import libvirt
+
+        conn = self.connect()
+        try:
+            for dom in conn.listAllDomains():
+                try:
+                    if dom.isActive():
+                        dom.destroy()
+                except libvirt.libvirtError:
+                    pass
+                if undefine:
+                    try:
+                        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                                          | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                                          | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+                    except libvirt.libvirtError:
+                        pass
+        finally:
+            conn.close()
+
+    def stop(self, timeout: float = 10.0, *, destroy_domains: bool = False) -> None:
+        """Stop our libvirtd: SIGTERM to its process group, SIGKILL after ``timeout``.
+
+        Guests keep running unless ``destroy_domains`` (QEMU runs in its own session).
+        """
+        if self.is_running():
+            self._save_caps_cache()
+        if destroy_domains and self.is_running():
+            try:
+                self.destroy_all_domains()
+            except Exception as e:  # noqa: BLE001 - stopping must go on
+                print(f"novalet libvirtd: destroying domains failed: {e}", file=sys.stderr)
+        pid = self.pid
+        if pid is None:
+            self._reap()
+            return
+        try:
+            os.killpg(pid, signal.SIGTERM)  # started with start_new_session: pgid == pid
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.02)
+        if _pid_alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            while _pid_alive(pid) and time.monotonic() < deadline + 5:
+                self._reap()
+                time.sleep(0.02)
+        self._reap()
+        self.pid_file.unlink(missing_ok=True)
+
+    def _reap(self) -> None:
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=0)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def restart(self, timeout: float = 20.0) -> Libvirtd:
+        """Stop and start on the same state dir; running guests stay alive."""
+        self.stop()
+        return self.start(timeout=timeout)
+
+    def status(self) -> dict:
+        pid = self.pid
+        return {"name": "libvirtd", "pid": pid, "running": pid is not None,
+                "healthy": pid is not None and self.healthy(), "uri": self.uri,
+                "log": str(self.log_file)}
