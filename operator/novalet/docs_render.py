@@ -88,14 +88,16 @@ class _Facts:
     config: str | None = "normal"
     issued: str | None = None
     has_managed_save: bool = False
+    domain_id: int | None = None
 
 
 _TASK_ID = "t"
+_DOMAIN_ID = 1  # the domain id recorded when the task's step began
 _NOW = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def _fact_cases(task_state: TaskState) -> list[tuple[str, _Facts]]:
-    cases = [("running", _Facts())]
+    cases = [("running", _Facts(domain_id=_DOMAIN_ID))]
     try:
         plan, index = plans.task_owner(task_state)
         op = plan.steps[index].op
@@ -103,6 +105,7 @@ def _fact_cases(task_state: TaskState) -> list[tuple[str, _Facts]]:
         op = None
     if op is not None:
         cases.append((f"running, `{op}` journaled", _Facts(issued=f"{_TASK_ID}:{op}")))
+    cases.append(("running, restarted since the step began", _Facts(domain_id=_DOMAIN_ID + 1)))
     cases += [
         ("running in rescue config", _Facts(config="rescue")),
         ("paused", _Facts(power_state=PowerState.PAUSED)),
@@ -117,7 +120,8 @@ def _fact_cases(task_state: TaskState) -> list[tuple[str, _Facts]]:
 def _describe(task_state: TaskState, facts: _Facts) -> str:
     probes = (VmState.PAUSED, VmState.STOPPED)
     results = [recovery.recover(CurrentTask(name="probe", id=_TASK_ID, taskState=task_state,
-                                            originVmState=origin, owner="docs", startedAt=_NOW),
+                                            originVmState=origin, owner="docs", startedAt=_NOW,
+                                            domainId=_DOMAIN_ID),
                                 facts) for origin in probes]
     r = results[0]
     if r.vm_state is None:

@@ -27,7 +27,7 @@ def test_every_action_and_task_state_has_a_row():
 def test_recovery_rows_come_from_recover():
     rows = {row.split(" | ")[0].strip("| `"): row for row in docs_render.recovery_table().splitlines()[2:]}
     assert "redo RebootHard from `reboot_started_hard` (soft redone hard)" in rows["reboot_started"]
-    assert "`reboot_hard` journaled: finish RebootHard → `active`" in rows["reboot_started_hard"]
+    assert "restarted since the step began: finish RebootHard → `active`" in rows["reboot_started_hard"]
     assert "not defined: redo Create from `block_device_mapping`" in rows["spawning"]
     assert "cleanup `remove_partial_snapshot`" in rows["image_snapshot"]
 

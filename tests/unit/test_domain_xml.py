@@ -26,8 +26,8 @@ UID = "0b9a3c1e-5d2f-4c1a-9e8b-7f6a5d4c3b2a"
 
 
 def meta(**kw) -> InstanceMetadata:
-    base = dict(namespace="team-a", name="web-1", uid=UID, node="node-1", config="normal", image="tiny",
-                flavor=Flavor(2, 256))
+    base = {"namespace": "team-a", "name": "web-1", "uid": UID, "node": "node-1", "config": "normal", "image": "tiny",
+                "flavor": Flavor(2, 256)}
     base.update(kw)
     return InstanceMetadata(**base)
 
@@ -161,7 +161,7 @@ def test_any_xml_representable_name_round_trips(name):
 def test_read_metadata_absent_or_garbled():
     assert read_metadata("<domain type='qemu'><name>x</name></domain>") is None
     assert read_metadata("not xml <") is None
-    assert read_metadata(f"<domain><metadata><other xmlns='urn:x'/></metadata></domain>") is None
+    assert read_metadata("<domain><metadata><other xmlns='urn:x'/></metadata></domain>") is None
     assert read_metadata(f"<instance xmlns='{NS}'><name>x</name></instance>") is None  # no uid
     # unknown config value -> garbled
     assert read_metadata(f"<instance xmlns='{NS}'><uid>{UID}</uid><config>evil</config></instance>") is None

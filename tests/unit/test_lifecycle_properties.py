@@ -164,6 +164,7 @@ class Facts:
     config: str | None
     issued: str | None
     has_managed_save: bool
+    domain_id: int | None = None
 
 
 def origins_for(state: TaskState) -> list[VmState]:

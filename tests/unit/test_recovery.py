@@ -21,6 +21,7 @@ class Facts:
     config: str | None = "normal"
     issued: str | None = None
     has_managed_save: bool = False
+    domain_id: int | None = None
 
 
 RUNNING = Facts()
@@ -118,24 +119,25 @@ def test_confirm_and_revert_are_redone():
 
 # --- reboot --------------------------------------------------------------------------------------
 
-def test_hard_reboot_issued_and_running_finishes_exactly_once():
-    result = recover(task(T.REBOOT_STARTED_HARD, id="r9"), Facts(issued="r9:reboot_hard"))
+def test_hard_reboot_that_restarted_the_domain_finishes_exactly_once():
+    """A hard reboot starts a new QEMU process: a domain id other than the one recorded at
+    reboot_started_hard means it happened, so it is not done again."""
+    result = recover(task(T.REBOOT_STARTED_HARD, id="r9", domainId=5), Facts(domain_id=6))
     assert (result.kind, result.action, result.vm_state) == ("finish", A.REBOOT_HARD, V.ACTIVE)
 
 
-def test_hard_reboot_issued_for_another_task_is_redone():
-    result = recover(task(T.REBOOT_STARTED_HARD, id="r9"), Facts(issued="r8:reboot_hard"))
-    assert (result.kind, result.action, result.from_step) == ("redo", A.REBOOT_HARD, 1)
-
-
-def test_hard_reboot_started_but_not_issued_is_redone_from_the_started_step():
-    result = recover(task(T.REBOOT_STARTED_HARD), RUNNING)
+def test_hard_reboot_with_the_same_domain_id_is_redone_from_the_started_step():
+    result = recover(task(T.REBOOT_STARTED_HARD, domainId=5), Facts(domain_id=5))
     assert result == Recovery("redo", A.REBOOT_HARD, from_step=1)
 
 
-def test_hard_reboot_issued_but_domain_off_is_redone():
-    result = recover(task(T.REBOOT_STARTED_HARD, id="r9"), Facts(power_state=P.SHUTOFF,
-                                                                issued="r9:reboot_hard"))
+def test_hard_reboot_from_a_stopped_domain_that_now_runs_finishes():
+    result = recover(task(T.REBOOT_STARTED_HARD, V.STOPPED, domainId=None), Facts(domain_id=3))
+    assert (result.kind, result.vm_state) == ("finish", V.ACTIVE)
+
+
+def test_hard_reboot_with_the_domain_off_is_redone():
+    result = recover(task(T.REBOOT_STARTED_HARD, id="r9", domainId=5), Facts(power_state=P.SHUTOFF))
     assert (result.kind, result.action) == ("redo", A.REBOOT_HARD)
 
 
@@ -165,9 +167,9 @@ def test_hard_reboot_states_are_redone_hard_without_the_escalation_flag(state, s
         assert recover(task(state), facts) == Recovery("redo", A.REBOOT_HARD, from_step=step)
 
 
-def test_escalated_soft_reboot_journaled_as_hard_finishes():
-    t = task(T.REBOOT_STARTED_HARD, id="r1", escalated=True)
-    result = recover(t, Facts(issued="r1:reboot_hard"))
+def test_escalated_soft_reboot_restarted_by_the_hard_reboot_finishes():
+    t = task(T.REBOOT_STARTED_HARD, id="r1", escalated=True, domainId=4)
+    result = recover(t, Facts(domain_id=5))
     assert (result.kind, result.action) == ("finish", A.REBOOT_HARD)
 
 

@@ -157,7 +157,7 @@ class Operations:
 
     async def op_remove_partial_snapshot(self, inst: VirtualInstance) -> None:
         name = inst.spec.action.snapshotName if inst.spec.action else None
-        await self._call(self.hv.cleanup_partial_snapshot, name)
+        await self._call(self.hv.abort_snapshot, inst.metadata.uid, name)
 
     async def op_set_password(self, inst: VirtualInstance) -> None:
         ref = inst.spec.action.secretRef

@@ -18,6 +18,7 @@ class DomainFacts(Protocol):
     power_state: PowerState | None
     config: str | None          # "normal" | "rescue" | None (not defined)
     issued: str | None          # journal: "<task id>:<op>" of the last operation issued
+    domain_id: int | None       # libvirt's runtime id, new at every start
     has_managed_save: bool      # shut off with a saved memory image (suspended)
 
 
@@ -60,12 +61,22 @@ def _build(task: CurrentTask, facts: DomainFacts) -> Recovery:
                     message=f"spawn interrupted; domain is {facts.power_state}")
 
 
+def _rebooted(task: CurrentTask, facts: DomainFacts) -> bool:
+    """Did the reboot on record already happen? A soft one journals itself in the live domain;
+    a hard one starts a new QEMU process, so the domain id differs from the one recorded when
+    the step began."""
+    if task.taskState not in (T.REBOOT_STARTED, T.REBOOT_STARTED_HARD) or facts.power_state != P.RUNNING:
+        return False
+    if task.taskState == T.REBOOT_STARTED_HARD:
+        return facts.domain_id is not None and facts.domain_id != task.domainId
+    return _step_issued(task, facts)
+
+
 def _reboot(task: CurrentTask, facts: DomainFacts) -> Recovery:
     hard = task.taskState in (T.REBOOT_PENDING_HARD, T.REBOOT_STARTED_HARD, T.REBOOTING_HARD)
     action = A.REBOOT_HARD if hard or task.escalated else A.REBOOT_SOFT
-    if task.taskState in (T.REBOOT_STARTED, T.REBOOT_STARTED_HARD) and _step_issued(task, facts) \
-            and facts.power_state == P.RUNNING:
-        return Recovery("finish", action, vm_state=V.ACTIVE, message="reboot had been issued")
+    if _rebooted(task, facts):
+        return Recovery("finish", action, vm_state=V.ACTIVE, message="the reboot had happened")
     guest_up = facts.exists and facts.power_state == P.RUNNING
     redo_hard = hard or not guest_up
     step = 1 if task.taskState in (T.REBOOT_STARTED, T.REBOOT_STARTED_HARD) else 0

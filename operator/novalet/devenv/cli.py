@@ -42,7 +42,9 @@ def _up(args: argparse.Namespace) -> int:
     state, cp, lv = _stack(args)
     state.mkdir(parents=True, exist_ok=True)
     try:
-        if cp.is_running() and cp.ready():
+        if args.no_kube:
+            pass
+        elif cp.is_running() and cp.ready():
             print(f"control plane already up: {cp.server}")
         else:
             if cp.is_running():  # partial or unhealthy leftovers: restart cleanly
@@ -50,7 +52,7 @@ def _up(args: argparse.Namespace) -> int:
             cp = ControlPlane(cp.state_dir, bin_dir=find_bin_dir())
             cp.start()
             print(f"control plane up: {cp.server}")
-        if not args.no_crds:
+        if not args.no_crds and not args.no_kube:
             files = cp.apply_crds(Path(args.crds) if args.crds else None)
             print(f"CRDs applied: {', '.join(f.name for f in files) or '(none found)'}")
         if not args.no_libvirt:
@@ -111,6 +113,19 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image(args: argparse.Namespace) -> int:
+    from .guest import GuestBuildError, build_tiny_image
+
+    args.pool.mkdir(parents=True, exist_ok=True)
+    try:
+        build_tiny_image(args.pool, args.name)
+    except GuestBuildError as e:
+        _err(str(e))
+        return 1
+    print(f"image {args.name} ready in {args.pool}")
+    return 0
+
+
 def add_dev_commands(subparsers) -> argparse.ArgumentParser:
     """Register `dev {up,down,status,env}` on an argparse subparsers object."""
     dev = subparsers.add_parser("dev", help="the local development stack (Kubernetes control plane + libvirtd)")
@@ -124,6 +139,8 @@ def add_dev_commands(subparsers) -> argparse.ArgumentParser:
                                        "(detached) and install the CRDs")
     common(up)
     up.add_argument("--no-libvirt", action="store_true", help="do not start libvirtd")
+    up.add_argument("--no-kube", action="store_true",
+                    help="do not start the control plane (libvirtd only: for a cluster of your own)")
     up.add_argument("--no-crds", action="store_true", help="do not install the CRDs")
     up.add_argument("--crds", default=None, help="directory of CRD YAML files (default: <repo>/crds)")
     up.set_defaults(func=_up)
@@ -142,4 +159,10 @@ def add_dev_commands(subparsers) -> argparse.ArgumentParser:
     env = dev_sub.add_parser("env", help="print shell exports: eval \"$(novalet dev env)\"")
     common(env)
     env.set_defaults(func=_env)
+
+    image = dev_sub.add_parser("image", help="put the tiny test guest (Debian kernel + busybox) into an "
+                                             "image pool")
+    image.add_argument("--pool", type=Path, required=True, help="the agent's --image-pool directory")
+    image.add_argument("--name", default="tiny", help="image name (default: tiny)")
+    image.set_defaults(func=_image)
     return dev

@@ -1,0 +1,501 @@
+"""The tiny real test guest, built from Debian packages alone.
+
+What it is: the kernel of Debian's versioned ``linux-image-<abi>-amd64`` package (its vmlinuz is
+unpacked to the uncompressed ELF ``vmlinux``, which QEMU boots directly through PVH: faster
+under TCG than letting the guest decompress a bzImage), plus an initramfs made of
+``busybox-static`` and a handful of modules copied from the same kernel package:
+
+* ``evdev`` + ``button``: the ACPI power button becomes an input event that busybox ``acpid``
+  turns into ``/etc/acpi/PWRF/00000080`` = ``poweroff -f``. So an ACPI shutdown
+  (``virDomainShutdownFlags(VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)``) powers the guest off.
+* Soft reboot: libvirt's QEMU driver implements ``virDomainReboot(VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)``
+  as a "fake reboot": it presses the ACPI power button and, when the guest powers off, resets
+  the VM instead of letting QEMU exit (QEMU runs with ``-no-shutdown``). The RESET is reported
+  as a ``VIR_DOMAIN_EVENT_ID_REBOOT`` event and the guest boots again and prints the marker a
+  second time. So the same power-button handler serves both; no guest agent is involved (the
+  guest has none: ``set_password`` must fail on it).
+* ``virtio_blk`` (+ its virtio dependencies): lets the guest report the disks it sees, so tests
+  can check that a rescue boot has the instance disk attached as second disk.
+
+``/init`` prints ``NOVALET-GUEST-READY rescue=<0|1> disks=<vda vdb ...>`` on the serial
+console (``console=ttyS0``) once acpid listens (presses before that are lost).
+
+Everything is cached outside the repo in ``~/.cache/novalet/guest/<kernel-version>/`` (override the
+root with ``NOVALET_CACHE``, as for the rest of devenv; pin the package with
+``NOVALET_GUEST_KERNEL_PACKAGE``).
+
+Needs on the host: ``apt-get`` (download only, no install), ``dpkg-deb``, ``qemu-img``, and the
+``busybox-static`` package (downloaded with apt-get if /bin/busybox is not static).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+import lzma
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MARKER = "NOVALET-GUEST-READY"
+GUEST_MEMORY_MIB = 128  # 96 MiB is the measured minimum under TCG
+BUILD_FORMAT = "4"  # bump when the initramfs layout changes: invalidates caches
+MODULES = ("evdev", "button", "virtio_blk", "virtio_pci")
+DEFAULT_CMDLINE = "console=ttyS0 quiet loglevel=3 novalet.guest=tiny"
+
+INIT_SCRIPT = r"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+for m in $(cat /etc/novalet-modules); do
+  insmod "/lib/modules/$m.ko" || echo "novalet-guest: insmod $m failed"
+done
+mkdir -p /var/log /var/run
+acpid -d -c /etc/acpi -p /var/run/acpid.pid &
+acpid_pid=$!
+i=0
+while [ $i -lt 50 ]; do
+  ls -l /proc/$acpid_pid/fd 2>/dev/null | grep -q /dev/input/event && break
+  sleep 0.1; i=$((i+1))
+done
+[ $i -lt 50 ] || echo "novalet-guest: acpid does not listen on /dev/input/event*"
+rescue=0
+case " $(cat /proc/cmdline) " in *" novalet.rescue=1 "*) rescue=1 ;; esac
+disks=""
+for d in /sys/block/*; do
+  n=${d##*/}
+  case "$n" in loop*|ram*|\*) ;; *) disks="$disks${disks:+,}$n" ;; esac
+done
+echo "NOVALET-GUEST-READY rescue=$rescue disks=$disks"
+while :; do sleep 3600; done
+"""
+
+POWER_BUTTON_HANDLER = "#!/bin/sh\necho novalet-guest: power button, powering off\npoweroff -f\n"
+
+
+class GuestBuildError(RuntimeError):
+    """The tiny guest cannot be built; the message says what to install or fix."""
+
+
+@dataclass(frozen=True)
+class GuestArtifacts:
+    version: str  # kernel version, e.g. 6.1.0-56-amd64
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def cache_root() -> Path:
+    """``$NOVALET_CACHE/guest`` or ``${XDG_CACHE_HOME:-~/.cache}/novalet/guest`` (as devenv.libvirtd)."""
+    if os.environ.get("NOVALET_CACHE"):
+        return Path(os.environ["NOVALET_CACHE"]) / "guest"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "novalet" / "guest"
+
+
+def _run(args: list[str], cwd: Path | None = None) -> str:
+    try:
+        proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as e:
+        raise GuestBuildError(f"{args[0]} not found: install it (see hack/setup.sh)") from e
+    if proc.returncode != 0:
+        raise GuestBuildError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def kernel_package() -> str:
+    """The versioned kernel package, e.g. ``linux-image-6.1.0-56-amd64``."""
+    pinned = os.environ.get("NOVALET_GUEST_KERNEL_PACKAGE")
+    if pinned:
+        return pinned
+    out = _run(["apt-cache", "depends", "linux-image-amd64"])
+    for line in out.splitlines():
+        m = re.match(r"\s*Depends:\s*(linux-image-\S+-amd64)\s*$", line)
+        if m and "unsigned" not in m.group(1):
+            return m.group(1)
+    raise GuestBuildError(
+        "cannot resolve the versioned kernel package from linux-image-amd64; run `apt-get update` "
+        "or set NOVALET_GUEST_KERNEL_PACKAGE=linux-image-<abi>-amd64"
+    )
+
+
+def _apt_download(package: str, dest: Path) -> Path:
+    _run(["apt-get", "download", "-q", package], cwd=dest)
+    debs = sorted(dest.glob(f"{package}_*.deb"))
+    if not debs:
+        raise GuestBuildError(f"apt-get download {package} produced no .deb in {dest}")
+    return debs[-1]
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """The kernel's scripts/extract-vmlinux, for xz/gzip/zstd-free kernels (stdlib codecs only)."""
+    for magic, kind in ((b"\xfd7zXZ\x00", "xz"), (b"\x1f\x8b\x08", "gzip")):
+        start = bzimage.find(magic)
+        while start != -1:
+            try:
+                if kind == "xz":
+                    data = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[start:])
+                else:
+                    data = gzip.GzipFile(fileobj=io.BytesIO(bzimage[start:])).read()
+            except (lzma.LZMAError, OSError, EOFError):
+                data = b""
+            if data[:4] == b"\x7fELF":
+                return data
+            start = bzimage.find(magic, start + 1)
+    raise GuestBuildError("cannot find an xz or gzip compressed ELF kernel inside vmlinuz")
+
+
+def _elf_is_static(path: Path) -> bool:
+    data = path.read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2:  # 64-bit only
+        return False
+    phoff = struct.unpack_from("<Q", data, 0x20)[0]
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for i in range(phnum):
+        (p_type,) = struct.unpack_from("<I", data, phoff + i * phentsize)
+        if p_type == 3:  # PT_INTERP
+            return False
+    return True
+
+
+def _busybox(work: Path) -> Path:
+    for candidate in (Path("/bin/busybox"), Path("/usr/bin/busybox")):
+        if candidate.exists() and _elf_is_static(candidate.resolve()):
+            return candidate.resolve()
+    deb = _apt_download("busybox-static", work)
+    root = work / "busybox-static"
+    _run(["dpkg-deb", "-x", str(deb), str(root)])
+    for candidate in (root / "bin/busybox", root / "usr/bin/busybox"):
+        if candidate.exists():
+            return candidate
+    raise GuestBuildError("busybox-static package has no bin/busybox")
+
+
+def _module_info(ko: bytes) -> dict[str, str]:
+    info = {}
+    for m in re.finditer(rb"(?<=\x00)(depends|name|vermagic)=([^\x00]*)\x00", ko):
+        info.setdefault(m.group(1).decode(), m.group(2).decode())
+    return info
+
+
+def _read_module(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.name.endswith(".gz"):
+        return gzip.decompress(data)
+    if path.name.endswith(".zst"):
+        return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
+    return data
+
+
+def collect_modules(modroot: Path, wanted: tuple[str, ...]) -> list[tuple[str, bytes]]:
+    """Modules with their dependencies (read from .modinfo), in load order."""
+    index: dict[str, Path] = {}
+    for p in modroot.rglob("*.ko*"):
+        base = re.sub(r"\.ko(\.(xz|gz|zst))?$", "", p.name)
+        index[base.replace("-", "_")] = p
+    ordered: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        key = name.replace("-", "_")
+        if key in seen:
+            return
+        if key not in index:
+            raise GuestBuildError(f"kernel module {name} (needed by {' <- '.join(chain) or 'init'}) "
+                                  f"is not in the kernel package (maybe built in?)")
+        data = _read_module(index[key])
+        for dep in filter(None, _module_info(data).get("depends", "").split(",")):
+            visit(dep, (*chain, name))
+        seen.add(key)
+        ordered.append((key, data))
+
+    for name in wanted:
+        visit(name, ())
+    return ordered
+
+
+class _Cpio:
+    """A cpio 'newc' archive writer (what the kernel's initramfs unpacker reads)."""
+
+    def __init__(self) -> None:
+        self.buf = io.BytesIO()
+        self.ino = 1
+
+    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        nameb = name.encode() + b"\x00"
+        fields = [self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(nameb), 0]
+        self.ino += 1
+        self.buf.write(b"070701" + b"".join(b"%08X" % f for f in fields) + nameb)
+        self.buf.write(b"\x00" * (-self.buf.tell() % 4))
+        self.buf.write(data)
+        self.buf.write(b"\x00" * (-self.buf.tell() % 4))
+
+    def dir(self, name: str) -> None:
+        self._entry(name, 0o040755)
+
+    def file(self, name: str, data: bytes, perm: int = 0o644) -> None:
+        self._entry(name, 0o100000 | perm, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, 0o120777, target.encode())
+
+    def chardev(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, 0o020600, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return self.buf.getvalue()
+
+
+def build_initramfs(busybox: bytes, modules: list[tuple[str, bytes]]) -> bytes:
+    c = _Cpio()
+    for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc", "etc/acpi",
+              "etc/acpi/PWRF", "lib", "lib/modules"):
+        c.dir(d)
+    c.chardev("dev/console", 5, 1)
+    c.chardev("dev/null", 1, 3)
+    c.file("bin/busybox", busybox, 0o755)
+    c.symlink("bin/sh", "busybox")
+    c.file("init", INIT_SCRIPT.encode(), 0o755)
+    c.file("etc/acpi/PWRF/00000080", POWER_BUTTON_HANDLER.encode(), 0o755)
+    for name, data in modules:
+        c.file(f"lib/modules/{name}.ko", data)
+    c.file("etc/novalet-modules", "".join(f"{n}\n" for n, _ in modules).encode())
+    return gzip.compress(c.finish(), compresslevel=6, mtime=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+
+
+def ensure_guest_artifacts(package: str | None = None) -> GuestArtifacts:
+    """Build (once) and return the cached kernel + initramfs of the tiny guest."""
+    root = cache_root()
+
+    def newest_cached() -> GuestArtifacts | None:
+        cached = sorted((p for p in root.glob("*") if (p / f"complete.{BUILD_FORMAT}").exists()),
+                        key=lambda p: p.stat().st_mtime)
+        return _load(cached[-1]) if cached else None
+
+    try:
+        package = package or kernel_package()
+    except GuestBuildError:
+        if (art := newest_cached()) is not None:  # offline: reuse the newest complete build
+            return art
+        raise
+    version = package.removeprefix("linux-image-")
+    out = root / version
+    if (out / f"complete.{BUILD_FORMAT}").exists():
+        return _load(out)
+    try:
+        return _build(package, out)
+    except GuestBuildError as e:
+        if (art := newest_cached()) is not None:  # e.g. the mirror dropped that version; stale apt lists
+            log.warning("cannot build the tiny guest from %s (%s); using the cached %s", package, e, art.version)
+            return art
+        raise
+
+
+def _build(package: str, out: Path) -> GuestArtifacts:
+    version = out.name
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="novalet-guest-", dir=out) as tmp:
+        work = Path(tmp)
+        deb = _apt_download(package, work)
+        _run(["dpkg-deb", "-x", str(deb), str(work / "k")])
+        vmlinuz = sorted((work / "k/boot").glob("vmlinuz-*"))
+        if not vmlinuz:
+            raise GuestBuildError(f"{deb.name} has no boot/vmlinuz-*")
+        vmlinux = extract_vmlinux(vmlinuz[0].read_bytes())
+        modroots = sorted((work / "k").glob("lib/modules/*")) + sorted((work / "k").glob("usr/lib/modules/*"))
+        if not modroots:
+            raise GuestBuildError(f"{deb.name} has no lib/modules/<version>")
+        modules = collect_modules(modroots[0], MODULES)
+        initrd = build_initramfs(_busybox(work).read_bytes(), modules)
+        # written in the private temp dir, then renamed: concurrent builders never see half a file
+        for fname, data in (("vmlinux", vmlinux), ("initrd.img", initrd),
+                            ("cmdline", (DEFAULT_CMDLINE + "\n").encode()),
+                            (f"complete.{BUILD_FORMAT}", f"{package}\n".encode())):
+            (work / fname).write_bytes(data)
+            os.replace(work / fname, out / fname)
+    log.info("built tiny guest %s in %.1fs (modules: %s)", version, time.monotonic() - t0,
+             " ".join(n for n, _ in modules))
+    return _load(out)
+
+
+def _load(d: Path) -> GuestArtifacts:
+    return GuestArtifacts(version=d.name, kernel=d / "vmlinux", initrd=d / "initrd.img",
+                          cmdline=(d / "cmdline").read_text().strip())
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_tiny_image(pool: Path, name: str) -> None:
+    """Write ``<name>.qcow2`` (empty 16 MiB disk) + ``.kernel`` + ``.initrd`` + ``.cmdline`` into a pool."""
+    from novalet.virt.images import validate_image_name
+
+    validate_image_name(name)
+    art = ensure_guest_artifacts()
+    pool.mkdir(parents=True, exist_ok=True)
+    _link_or_copy(art.kernel, pool / f"{name}.kernel")
+    _link_or_copy(art.initrd, pool / f"{name}.initrd")
+    (pool / f"{name}.cmdline").write_text(art.cmdline + "\n")
+    disk = pool / f"{name}.qcow2"
+    if not disk.exists():
+        tmp = pool / f".{name}.qcow2.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            _run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), "16M"])
+            tmp.rename(disk)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def count_markers(serial_log: Path, marker: str = MARKER) -> int:
+    try:
+        return serial_log.read_bytes().count(marker.encode())
+    except FileNotFoundError:
+        return 0
+
+
+def wait_for_marker(serial_log: Path, marker: str = MARKER, timeout: float = 60.0, occurrence: int = 1) -> str:
+    """Wait until ``marker`` appears ``occurrence`` times in the serial log; return that line.
+
+    Raises TimeoutError with the log's tail, so a failing test shows what the guest printed.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            text = serial_log.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            text = ""
+        if text.count(marker) >= occurrence:
+            idx = -1
+            for _ in range(occurrence):
+                idx = text.index(marker, idx + 1)
+            return text[idx:].split("\n", 1)[0].strip()
+        if time.monotonic() >= deadline:
+            tail = text[-1500:]
+            raise TimeoutError(f"{marker!r} (x{occurrence}) not seen in {serial_log} within {timeout}s; "
+                               f"log tail:\n{tail}")
+        time.sleep(0.1)
+
+
+def probe_kvm(uri: str, timeout: float = 20.0, *, record: bool = False) -> bool:
+    """True only if the tiny guest boots to its ready marker under domain type ``kvm``.
+
+    /dev/kvm may exist and a diskless domain may "run" while a real kernel never finishes booting
+    (software nested KVM), so only a real boot counts. Any failure reports False. With
+    ``record=True`` the result goes to ``novalet.devenv.libvirtd.record_kvm_probe`` (which
+    ``domain_type()`` reads).
+    """
+    result, detail = _probe_kvm(uri, timeout)
+    if record:
+        from novalet.devenv.libvirtd import record_kvm_probe
+
+        record_kvm_probe(result, detail=detail, timeout_s=timeout)
+    return result
+
+
+def _probe_kvm(uri: str, timeout: float) -> tuple[bool, str]:
+    import libvirt
+
+    from novalet.virt.domain_xml import DomainConfig, KernelBoot, build_domain_xml
+
+    try:
+        art = ensure_guest_artifacts()
+    except GuestBuildError as e:
+        log.warning("KVM probe: cannot build the tiny guest: %s", e)
+        return False, f"cannot build the tiny guest: {e}"
+    probe_uuid = str(uuid.uuid4())
+    with tempfile.TemporaryDirectory(prefix="novalet-kvm-probe-") as tmp:
+        os.chmod(tmp, 0o755)
+        serial = Path(tmp) / "serial.log"
+        cfg = DomainConfig(
+            name=f"novalet-kvm-probe-{probe_uuid[:8]}", uuid=probe_uuid, domain_type="kvm",
+            vcpus=1, memory_mib=GUEST_MEMORY_MIB, serial_log=str(serial),
+            kernel=KernelBoot(str(art.kernel), str(art.initrd), art.cmdline), guest_agent=False,
+        )
+        conn = None
+        dom = None
+        try:
+            conn = libvirt.open(uri)
+            t0 = time.monotonic()
+            dom = conn.createXML(build_domain_xml(cfg), 0)
+            wait_for_marker(serial, timeout=timeout)
+            return True, f"tiny guest ready under KVM in {time.monotonic() - t0:.1f}s"
+        except (libvirt.libvirtError, TimeoutError) as e:
+            first = str(e).splitlines()[0] if str(e) else repr(e)
+            log.info("KVM probe negative: %s", first)
+            return False, first
+        finally:
+            if dom is not None:
+                try:
+                    dom.destroy()
+                except libvirt.libvirtError:
+                    pass
+            if conn is not None:
+                conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m novalet.devenv.guest [--pool DIR [--name NAME]] [--probe-kvm URI [--record]]``.
+
+    Builds (and caches) the tiny guest; optionally installs it into a pool and runs the KVM probe.
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m novalet.devenv.guest", description=main.__doc__)
+    ap.add_argument("--pool", type=Path, help="write <name>.qcow2/.kernel/.initrd/.cmdline into this pool")
+    ap.add_argument("--name", default="tiny")
+    ap.add_argument("--probe-kvm", metavar="URI", help="boot the tiny guest under KVM through this libvirt URI")
+    ap.add_argument("--record", action="store_true", help="record the probe result for devenv.libvirtd.domain_type")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        art = ensure_guest_artifacts()
+        print(f"tiny guest {art.version}: kernel={art.kernel} initrd={art.initrd} cmdline={art.cmdline!r}")
+        if args.pool:
+            build_tiny_image(args.pool, args.name)
+            print(f"image {args.name!r} written to {args.pool}")
+    except GuestBuildError as e:
+        print(f"error: {e}")
+        return 1
+    if args.probe_kvm:
+        ok = probe_kvm(args.probe_kvm, record=args.record)
+        print(f"KVM boots a real guest: {ok}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
