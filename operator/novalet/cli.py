@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="watch only this namespace (repeatable; default: all)")
     run.add_argument("--soft-reboot-timeout", type=float, default=60.0,
                      help="seconds a guest gets to reboot softly before a hard reboot")
+    run.add_argument("--stop-timeout", type=float, default=60.0,
+                     help="seconds a guest gets to shut down on ACPI before it is powered off")
     run.add_argument("--lease-namespace", default="kube-node-lease",
                      help="namespace of the agents' heartbeat Leases")
     run.add_argument("--domain-type", choices=["auto", "qemu", "kvm"], default="auto",

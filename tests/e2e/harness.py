@@ -57,6 +57,7 @@ class Agents:
     started: list[AgentProcess] = field(default_factory=list)
 
     def start(self, node: str, crash_at: str | None = None, soft_reboot_timeout: float = 4.0,
+              stop_timeout: float = 5.0,
               extra_env: dict[str, str] | None = None) -> AgentProcess:
         state = self.workdir / f"state-{node}"
         log = self.workdir / f"agent-{node}-{len(self.started)}.log"
@@ -67,7 +68,8 @@ class Agents:
         cmd = [sys.executable, "-m", "novalet.cli", "run", "--node-name", node,
                "--libvirt-uri", self.libvirt_uri, "--image-pool", str(self.image_pool),
                "--state-dir", str(state), "--namespace", self.namespace,
-               "--soft-reboot-timeout", str(soft_reboot_timeout), "--domain-type", self.domain_type]
+               "--soft-reboot-timeout", str(soft_reboot_timeout), "--stop-timeout", str(stop_timeout),
+               "--domain-type", self.domain_type]
         with log.open("ab") as out:
             process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                        start_new_session=True)
@@ -126,6 +128,15 @@ class Instances:
         logs = "\n".join(f"--- {a.log.name}\n{a.tail()}" for a in (agents.started if agents else []))
         raise AssertionError(f"{name}: timed out after {timeout}s waiting for {what}; "
                              f"status={body and body.get('status')}\n{logs}")
+
+    async def wait_gone(self, name: str, timeout: float = 60.0, agents: Agents | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self.get(name) is None:
+                return
+            await asyncio.sleep(0.25)
+        logs = "\n".join(f"--- {a.log.name}\n{a.tail()}" for a in (agents.started if agents else []))
+        raise AssertionError(f"{name}: still there after {timeout}s: {await self.get(name)}\n{logs}")
 
     async def wait_idle(self, name: str, vm_state: str, timeout: float = 90.0,
                         agents: Agents | None = None, last_id: str | None = None) -> dict[str, Any]:

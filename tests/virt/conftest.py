@@ -1,6 +1,7 @@
-"""Fixtures for the real-libvirt hypervisor tests: a tiny-guest image pool and a Hypervisor.
+"""Fixtures for the real-libvirt hypervisor tests: a Hypervisor and instances on it.
 
-The private libvirtd comes from novalet.devenv.testing (``libvirt_uri``, ``libvirt_domain_type``).
+The private libvirtd and the tiny-guest pool come from novalet.devenv.testing (``libvirt_uri``,
+``libvirt_domain_type``, ``image_pool``).
 A missing prerequisite fails with what to install; these fixtures never skip.
 """
 
@@ -11,22 +12,7 @@ from pathlib import Path
 
 import pytest
 
-TINY = "tiny"
-
-
-@pytest.fixture(scope="session")
-def image_pool(tmp_path_factory) -> Path:
-    """A pool holding the tiny guest image ``tiny`` (kernel + initrd + empty 16 MiB qcow2)."""
-    from novalet.devenv.guest import GuestBuildError, build_tiny_image
-
-    pool = tmp_path_factory.mktemp("pool")
-    try:
-        build_tiny_image(pool, TINY)
-    except GuestBuildError as e:
-        pytest.fail(f"cannot build the tiny test guest: {e}\nfix: install apt, dpkg-deb, qemu-utils and "
-                    f"busybox-static (sudo hack/setup.sh) and make sure `apt-get download "
-                    f"linux-image-amd64` works (run apt-get update)", pytrace=False)
-    return pool
+from novalet.devenv.testing import TINY
 
 
 @pytest.fixture(scope="session")

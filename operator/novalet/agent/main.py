@@ -15,7 +15,7 @@ from typing import Any
 import kopf
 
 from .. import GROUP, PLURAL, VERSION
-from ..kube.client import api_client
+from ..kube.client import api_client, register_login
 from ..kube.events import EventRecorder
 from ..kube.instances import InstanceStore, parse
 from ..kube.lease import NodeLease
@@ -28,7 +28,7 @@ RESYNC_SECONDS = 30.0
 
 
 def agent_identity(node: str) -> str:
-    return f"{node}/{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return f"{node}/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
 
 
 class Agent:
@@ -37,6 +37,7 @@ class Agent:
         self.node = args.node_name
         self.identity = agent_identity(self.node)
         self.lease_held = asyncio.Event()
+        self.activation: asyncio.Task | None = None
 
     async def start(self) -> None:
         from ..virt.hypervisor import Hypervisor
@@ -46,9 +47,15 @@ class Agent:
         events = EventRecorder(api, "novalet.io/agent", self.identity)
         self.lease = NodeLease(api, self.args.lease_namespace, self.node, self.identity)
         uri = self.args.libvirt_uri or os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system"
+        kind = self.args.domain_type
+        if kind == "auto":  # TCG unless a probe has booted a real guest under KVM
+            from ..devenv.libvirtd import domain_type
+            kind = domain_type()
         hypervisor = await asyncio.to_thread(
-            Hypervisor, uri, self.args.image_pool, self.args.state_dir, self.args.domain_type)
-        self.ops = Operations(hypervisor, api, self.node, self.args.soft_reboot_timeout)
+            Hypervisor, uri, self.args.image_pool, self.args.state_dir, kind)
+        log.info("node %s: libvirt %s, domain type %s, images in %s", self.node, uri, kind,
+                 self.args.image_pool)
+        self.ops = Operations(hypervisor, api, self.node, self.args.soft_reboot_timeout, self.args.stop_timeout)
         self.engine = Engine(self.store, events, self.ops, self.node, self.identity)
         self.scheduler = Scheduler(self.engine, self.lease_held)
         self.ops.on_domain_event(self.scheduler.kick_uid_threadsafe(asyncio.get_running_loop()))
@@ -61,14 +68,30 @@ class Agent:
             except Exception as error:  # apiserver down: stop acting once the lease runs out
                 log.warning("lease renewal failed: %s", error)
                 held = False
-            if held and not self.lease_held.is_set():
+            if held and not self.lease_held.is_set() and self.activation is None:
                 log.info("holding lease for node %s as %s: recovery sweep", self.node, self.identity)
-                await self.sweep()
-                self.lease_held.set()
-            elif not held and self.lease_held.is_set():
+                self.activation = asyncio.create_task(self.activate())
+            elif not held and (self.lease_held.is_set() or self.activation):
                 log.warning("lost the lease for node %s: standing by", self.node)
+                if self.activation:
+                    self.activation.cancel()
+                self.activation = None
                 self.lease_held.clear()
             await asyncio.sleep(self.lease.duration_s / 4)
+
+    async def activate(self) -> None:
+        """Recover every task left on this node, then take new work. Runs beside the lease
+        renewals: a long recovery must not let the lease run out."""
+        while True:
+            try:
+                await self.sweep()
+                break
+            except Exception:
+                log.exception("recovery sweep failed; retrying")
+                await asyncio.sleep(2)
+        log.info("recovery sweep done: taking new work")
+        self.lease_held.set()
+        self.activation = None
 
     async def sweep(self, retry_failed: bool = False) -> None:
         """Every instance of this node, before new work: recover tasks, reap orphans."""
@@ -96,6 +119,7 @@ class Agent:
 
 def build_registry(agent: Agent) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+    register_login(registry)
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -105,6 +129,10 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
         await agent.start()
         asyncio.get_running_loop().create_task(agent.hold_lease())
         asyncio.get_running_loop().create_task(agent.resync())
+
+    @kopf.on.cleanup(registry=registry)
+    async def release(**_: Any) -> None:
+        await agent.lease.release()  # a clean stop hands the node over at once
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def on_event(body: kopf.Body, type: str | None, **_: Any) -> None:

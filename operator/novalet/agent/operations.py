@@ -122,7 +122,8 @@ class Operations:
 
     async def op_resize_apply_flavor(self, inst: VirtualInstance) -> None:
         flavor = inst.status.currentTask.targetFlavor
-        await self._call(self.hv.resize, inst.metadata.uid, flavor.vcpus, flavor.memoryMiB, power_on=False)
+        await self._call(self.hv.resize, inst.metadata.uid, flavor.vcpus, flavor.memoryMiB, power_on=False,
+                         stop_timeout_s=self.stop_timeout)
 
     async def op_resize_finish(self, inst: VirtualInstance) -> None:
         if inst.status.currentTask.originPowerState == PowerState.RUNNING:
@@ -134,14 +135,16 @@ class Operations:
     async def op_revert_resize(self, inst: VirtualInstance) -> None:
         origin = inst.status.resizedFrom
         power_on = origin is not None and origin.powerState == PowerState.RUNNING
-        await self._call(self.hv.revert_resize, inst.metadata.uid, power_on=power_on)
+        await self._call(self.hv.revert_resize, inst.metadata.uid, power_on=power_on,
+                         stop_timeout_s=self.stop_timeout)
 
     async def op_revert_resize_inflight(self, inst: VirtualInstance) -> None:
         """Recovery of an interrupted resize: back to the origin flavor and power state."""
         task = inst.status.currentTask
         power_on = task.originPowerState == PowerState.RUNNING
         flavor = task.originFlavor
-        await self._call(self.hv.resize, inst.metadata.uid, flavor.vcpus, flavor.memoryMiB, power_on=power_on)
+        await self._call(self.hv.resize, inst.metadata.uid, flavor.vcpus, flavor.memoryMiB, power_on=power_on,
+                         stop_timeout_s=self.stop_timeout)
         await self._call(self.hv.confirm_resize, inst.metadata.uid)
 
     async def op_rebuild_teardown(self, inst: VirtualInstance) -> None:

@@ -13,7 +13,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from .. import GROUP, PLURAL, VERSION
 from ..api.models import VirtualInstance
 from ..core.admission import review
-from ..kube.client import api_client
+from ..kube.client import api_client, register_login
 from ..tls import self_signed
 from .heartbeat import HeartbeatWatch
 
@@ -59,6 +59,7 @@ async def ensure_webhook_configuration(api: client.ApiClient, url: str, ca_bundl
 
 def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+    register_login(registry)
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -18,7 +18,10 @@ import pytest
 from .controlplane import ControlPlane, ControlPlaneError, find_bin_dir, repo_root
 from .libvirtd import Libvirtd, LibvirtdError, domain_type
 
-__all__ = ["control_plane", "crds", "kube_api", "libvirt_domain_type", "libvirt_uri", "libvirtd", "namespace"]
+__all__ = ["control_plane", "crds", "image_pool", "kube_api", "libvirt_domain_type", "libvirt_uri", "libvirtd",
+           "namespace"]
+
+TINY = "tiny"  # the tiny test guest's image name in `image_pool`
 
 
 @pytest.fixture(scope="session")
@@ -121,3 +124,18 @@ async def kube_api(control_plane):
     await config.load_kube_config(config_file=str(control_plane.kubeconfig), client_configuration=cfg)
     async with client.ApiClient(cfg) as api:
         yield api
+
+
+@pytest.fixture(scope="session")
+def image_pool(tmp_path_factory) -> Path:
+    """A pool holding the tiny guest image ``tiny`` (kernel + initrd + empty 16 MiB qcow2)."""
+    from .guest import GuestBuildError, build_tiny_image
+
+    pool = tmp_path_factory.mktemp("pool")
+    try:
+        build_tiny_image(pool, TINY)
+    except GuestBuildError as e:
+        pytest.fail(f"cannot build the tiny test guest: {e}\nfix: install apt, dpkg-deb, qemu-utils and "
+                    f"busybox-static (sudo hack/setup.sh) and make sure `apt-get download "
+                    f"linux-image-amd64` works (run apt-get update)", pytrace=False)
+    return pool

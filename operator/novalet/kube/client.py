@@ -1,6 +1,8 @@
 """One kubernetes_asyncio ApiClient per process, from KUBECONFIG or the in-cluster account."""
 import os
+from typing import Any
 
+import kopf
 from kubernetes_asyncio import client, config
 
 
@@ -12,3 +14,11 @@ async def api_client() -> client.ApiClient:
     await config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
                                   client_configuration=configuration)
     return client.ApiClient(configuration)
+
+
+def register_login(registry: kopf.OperatorRegistry) -> None:
+    """kopf logs in through kubernetes_asyncio too (a private registry has no default handler)."""
+
+    @kopf.on.login(registry=registry)
+    async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return await kopf.login_via_async_client(**kwargs)

@@ -19,7 +19,7 @@ class EventRecorder:
         meta = body["metadata"]
         now = datetime.now(timezone.utc)
         event = client.EventsV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}-", namespace=meta["namespace"]),
             event_time=now, action=action, reason=reason, note=note[:1024],
             type="Warning" if warning else "Normal",
             reporting_controller=self.component, reporting_instance=self.instance,

@@ -5,6 +5,8 @@ for the same node waits as a hot standby and takes over when the lease expires. 
 liveness, not safety: every instance write is still a compare-and-swap.
 """
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -26,6 +28,24 @@ class LeaseView:
 
     def expired(self, now: datetime) -> bool:
         return self.renewed is None or now > self.renewed + timedelta(seconds=self.duration_s)
+
+
+def holder_is_dead_here(holder: str | None, host: str) -> bool:
+    """The holder was a process on this host that no longer runs (identity `node/host/pid/nonce`):
+    a restarted agent takes over at once instead of waiting for the lease to run out."""
+    parts = (holder or "").split("/")
+    if len(parts) != 4 or parts[1] != host or not parts[2].isdigit():
+        return False
+    pid = int(parts[2])
+    if pid == os.getpid():  # same pid, other nonce: a container restarted; the old one is gone
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def view(lease: client.V1Lease | None) -> LeaseView:
@@ -54,7 +74,8 @@ class NodeLease:
         now = datetime.now(timezone.utc)
         lease = await self.read()
         current = view(lease)
-        if current.holder not in (None, self.identity) and not current.expired(now):
+        if current.holder not in (None, self.identity) and not current.expired(now) \
+                and not holder_is_dead_here(current.holder, socket.gethostname()):
             return False
         spec = client.V1LeaseSpec(holder_identity=self.identity, lease_duration_seconds=self.duration_s,
                                   renew_time=now, acquire_time=now if current.holder != self.identity

@@ -151,9 +151,13 @@ def metadata_element(meta: InstanceMetadata) -> ET.Element:
 
 
 def metadata_xml(meta: InstanceMetadata) -> str:
-    """The bare metadata element, e.g. for virDomainSetMetadata (its key namespace is NS)."""
-    ET.register_namespace(NS_PREFIX, NS)
-    return ET.tostring(metadata_element(meta), encoding="unicode")
+    """The metadata element without its namespace, for virDomainSetMetadata, which puts it in
+    NS itself (an element that already declares the prefix makes libvirt fail with "failed to
+    create a new XML namespace")."""
+    element = metadata_element(meta)
+    for node in element.iter():
+        node.tag = node.tag.removeprefix(f"{{{NS}}}")
+    return ET.tostring(element, encoding="unicode")
 
 
 def build_domain_xml(cfg: DomainConfig) -> str:
