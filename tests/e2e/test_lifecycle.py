@@ -21,11 +21,12 @@ def serial(agents, node: str, uid: str):
     return ImagePool(agents.image_pool, agents.workdir / f"state-{node}").serial_log_path(uid)
 
 
-async def build(instances, agents, name: str, image: str = TINY, **spec) -> tuple[str, dict]:
+async def build(instances, agents, name: str, image: str = TINY, expect: str = "active",
+                **spec) -> tuple[str, dict]:
     node = unique_node()
     agents.start(node)
     await instances.create(name, {"flavor": FLAVOR, "image": image, "nodeName": node, **spec})
-    body = await instances.wait_idle(name, "active", agents=agents)
+    body = await instances.wait_idle(name, expect, agents=agents)
     return node, body
 
 
@@ -111,8 +112,7 @@ async def test_hard_reboot_same_id_twice_runs_once(instances, agents, libvirt_vi
 
 
 async def test_refused_request_is_recorded_and_blocks_nothing(instances, agents, libvirt_view):
-    node, body = await build(instances, agents, "vm", image="", powerState="Stopped")
-    body = await instances.wait_idle("vm", "stopped", agents=agents)
+    node, body = await build(instances, agents, "vm", image="", expect="stopped", powerState="Stopped")
     await instances.request("vm", {"name": "Reboot", "type": "Soft", "id": "soft-while-stopped"})
     body = await instances.wait("vm", lambda b: (status_of(b).get("lastAction") or {}).get("id")
                                 == "soft-while-stopped", agents=agents, what="the refusal")
