@@ -154,11 +154,11 @@ class Engine:
         await self._run_steps(body, plan, from_step=0)
 
     async def _run_steps(self, body: dict[str, Any], plan: Plan, from_step: int,
-                         escalated: bool = False) -> None:
+                         escalated: bool = False, note: str = "") -> None:
         task = parse(body).status.currentTask
         guard = self._task_guard(task.id)
         ops_left = [s for s in plan.steps[from_step:] if s.op]
-        message = ""
+        message = note
         try:
             for index, step in enumerate(plan.steps[from_step:], start=from_step):
                 current = parse(body)
@@ -171,11 +171,12 @@ class Engine:
                 crash_if("after_started", plan.action.value)
                 outcome = await self.ops.run(step.op, parse(body))
                 if outcome is False and step.op == "reboot_soft":
-                    body, message = await self._escalate(body, guard)
+                    body, escalation = await self._escalate(body, guard)
+                    message = "; ".join(filter(None, (message, escalation)))
                 ops_left.pop(0)
                 crash_if("between_steps" if ops_left else "after_call", plan.action.value)
         except OperationError as error:
-            await self._end(body, plan, succeeded=False, message=str(error))
+            await self._end(body, plan, succeeded=False, message="; ".join(filter(None, (note, str(error)))))
             return
         await self._end(body, plan, succeeded=True, message=message)
 
@@ -221,15 +222,22 @@ class Engine:
                                                    f"after an agent restart: {rule.kind} {rule.message}".strip())
         if rule.kind == "redo":
             plan = plan_of(rule.action)
-            await self._run_steps(body, plan, rule.from_step, escalated=rule.hard)
+            note = f"redone after an agent restart in {task.taskState.value}"
+            await self._run_steps(body, plan, rule.from_step, escalated=rule.hard,
+                                  note=f"{note}: {rule.message}" if rule.message else note)
             return
         plan = plan_of(Action(task.name))
         if rule.kind == "finish":
             await self._end(body, plan, succeeded=True, message=f"recovered: {rule.message}".strip(": "),
                             vm_state=rule.vm_state)
             return
+        message = rule.message
         if rule.cleanup:
-            await self.ops.run(rule.cleanup, parse(body))
+            try:
+                note = await self.ops.run(rule.cleanup, parse(body))
+            except OperationError as error:
+                note = f"cleanup failed: {error}"
+            message = f"{message}; {note}" if note else message
         if rule.kind == "revert":
             try:
                 await self.ops.run("revert_resize_inflight", parse(body))
@@ -238,7 +246,7 @@ class Engine:
                                 message=f"{rule.message}; revert failed: {error}")
                 return
         vm = VmState.ERROR if rule.kind == "error" else rule.vm_state
-        await self._end(body, plan, succeeded=False, message=rule.message, vm_state=vm)
+        await self._end(body, plan, succeeded=False, message=message, vm_state=vm)
 
     # ---- no task, no request ---------------------------------------------------------
     async def _sync(self, body: dict[str, Any], inst: VirtualInstance) -> bool:

@@ -158,9 +158,14 @@ class Operations:
     async def op_snapshot(self, inst: VirtualInstance) -> None:
         await self._call(self.hv.snapshot, inst.metadata.uid, inst.spec.action.snapshotName)
 
-    async def op_remove_partial_snapshot(self, inst: VirtualInstance) -> None:
+    async def op_remove_partial_snapshot(self, inst: VirtualInstance) -> str:
+        """Returns a note for the user: whether the image had completed before the crash (a
+        complete image is never removed: it may be one the user already relies on)."""
         name = inst.spec.action.snapshotName if inst.spec.action else None
         await self._call(self.hv.abort_snapshot, inst.metadata.uid, name)
+        if name and await asyncio.to_thread(self.hv.images.exists, name):
+            return f"image {name} is complete in the pool"
+        return "partial snapshot removed; request again"
 
     async def op_set_password(self, inst: VirtualInstance) -> None:
         ref = inst.spec.action.secretRef

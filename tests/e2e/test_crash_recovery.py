@@ -1,0 +1,177 @@
+"""The crash-point matrix: the agent is SIGKILLed at every named point of every action, then
+restarted; nothing stays in a task state, libvirt agrees with status, nothing ran twice.
+
+Each case: bring an instance to the action's starting state with a healthy agent, restart the
+agent with NOVALET_CRASH_AT=<point>@<Action>, ask for the action, watch the agent die there,
+start it again and check what a user (and libvirt) sees. The table is printed at the end and
+kept in docs/crash-recovery.md.
+"""
+import asyncio
+import base64
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from kubernetes_asyncio import client
+
+from novalet.core.plans import EXPECTED_POWER, PLANS
+from novalet.core.vocabulary import Action, VmState
+from novalet.devenv.guest import wait_for_marker
+from novalet.virt.images import PARTIAL_MARK, ImagePool
+
+from . import libvirt_checks as lv
+from .conftest import TINY
+from .harness import status_of, unique_node
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+FLAVOR = {"vcpus": 1, "memoryMiB": 128}
+BIG = {"vcpus": 2, "memoryMiB": 160}
+RECOVERY_BOUND_S = 60  # from the restart to an idle instance, for every case
+MATRIX: dict[tuple[str, str], str] = {}
+
+
+@dataclass(frozen=True)
+class Case:
+    action: Action
+    image: str = ""                         # "" diskless (boots at once), TINY a real guest
+    setup: dict[str, Any] = field(default_factory=dict)     # spec patch giving the start state
+    setup_state: str = "active"
+    request: dict[str, Any] = field(default_factory=dict)   # spec patch that asks for the action
+    final: str = "active"                   # vmState once recovered (declarative desires persist)
+    counts_boots: bool = False              # exactly one (re)boot must reach libvirt
+
+
+def act(name: str, **extra: Any) -> dict[str, Any]:
+    return {"action": {"name": name, "id": f"{name.lower()}-1", **extra}}
+
+
+CASES = [
+    Case(Action.CREATE),
+    Case(Action.STOP, request={"powerState": "Stopped"}, final="stopped"),
+    Case(Action.START, setup={"powerState": "Stopped"}, setup_state="stopped",
+         request={"powerState": "Running"}),
+    Case(Action.PAUSE, request={"powerState": "Paused"}, final="paused"),
+    Case(Action.UNPAUSE, setup={"powerState": "Paused"}, setup_state="paused", request={"powerState": "Running"}),
+    Case(Action.SUSPEND, request={"powerState": "Suspended"}, final="suspended"),
+    Case(Action.RESUME, setup={"powerState": "Suspended"}, setup_state="suspended",
+         request={"powerState": "Running"}),
+    Case(Action.REBOOT_SOFT, image=TINY, request=act("Reboot", type="Soft"), counts_boots=True),
+    Case(Action.REBOOT_HARD, request=act("Reboot", type="Hard"), counts_boots=True),
+    Case(Action.RESCUE, request={"rescue": True}, final="rescued"),
+    Case(Action.UNRESCUE, setup={"rescue": True}, setup_state="rescued", request={"rescue": False}),
+    Case(Action.RESIZE, request={"flavor": BIG}, final="resized"),
+    Case(Action.CONFIRM_RESIZE, setup={"flavor": BIG}, setup_state="resized", request=act("ConfirmResize")),
+    Case(Action.REVERT_RESIZE, setup={"flavor": BIG}, setup_state="resized", request=act("RevertResize")),
+    Case(Action.REBUILD, request={"image": TINY}),
+    Case(Action.SNAPSHOT, image=TINY, request=act("Snapshot", snapshotName="crash-snap")),
+    Case(Action.SET_PASSWORD, request=act("SetPassword", secretRef={"name": "pw"})),
+    Case(Action.DELETE, final="deleted"),
+]
+
+
+def crash_points(action: Action) -> list[str]:
+    ops = [s for s in PLANS[action].steps if s.op]
+    return ["after_claim", "after_started", *(["between_steps"] if len(ops) > 1 else []), "after_call"]
+
+
+MATRIX_CASES = [pytest.param(case, point, id=f"{case.action.value}-{point}")
+                for case in CASES for point in crash_points(case.action)]
+
+
+async def wait_dead(agent, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while agent.process.poll() is None:
+        assert time.monotonic() < deadline, f"agent never reached its crash point\n{agent.tail()}"
+        await asyncio.sleep(0.1)
+    assert agent.crashed(), f"agent ended with {agent.process.returncode}, not SIGKILL\n{agent.tail()}"
+
+
+@pytest.mark.parametrize("case,point", MATRIX_CASES)
+async def test_crash_point(case: Case, point: str, instances, agents, libvirt_view, kube_api, namespace):
+    node = unique_node()
+    state_dir = agents.workdir / f"state-{node}"
+    pool = ImagePool(agents.image_pool, state_dir)
+    spec = {"flavor": FLAVOR, "image": case.image, "nodeName": node}
+    if case.action == Action.SET_PASSWORD:
+        await client.CoreV1Api(kube_api).create_namespaced_secret(namespace, client.V1Secret(
+            metadata=client.V1ObjectMeta(name="pw"), data={"password": base64.b64encode(b"x").decode()}))
+
+    # 1. the starting state, reached with a healthy agent
+    if case.action == Action.CREATE:
+        doomed = agents.start(node, crash_at=f"{point}@{case.action.value}")
+        await instances.create("vm", spec)
+    else:
+        healthy = agents.start(node)
+        await instances.create("vm", spec)
+        await instances.wait_idle("vm", "active", agents=agents)
+        if case.setup:
+            await instances.patch_spec("vm", case.setup)
+            await instances.wait_idle("vm", case.setup_state, agents=agents)
+        if case.image == TINY:  # ACPI requests before the guest is ready are lost
+            uid = (await instances.get("vm"))["metadata"]["uid"]
+            wait_for_marker(pool.serial_log_path(uid), timeout=60)
+        healthy.stop()
+        doomed = agents.start(node, crash_at=f"{point}@{case.action.value}")
+    body = await instances.wait("vm", lambda b: b["metadata"].get("uid") is not None, what="the object")
+    uid = body["metadata"]["uid"]
+    counter = lv.BootCounter(libvirt_view, uid) if case.counts_boots else None
+
+    # 2. the request; the agent dies at the crash point
+    try:
+        if case.action == Action.DELETE:
+            await instances.delete("vm")
+        elif case.request:
+            await instances.patch_spec("vm", case.request)
+        await wait_dead(doomed)
+        crashed_in = status_of(await instances.get("vm") or {}).get("taskState")
+
+        # 3. restart; within the bound the instance is idle and agrees with libvirt
+        agents.start(node)
+        if case.final == "deleted":
+            await instances.wait_gone("vm", timeout=RECOVERY_BOUND_S, agents=agents)
+            assert lv.domain(libvirt_view, uid) is None
+            assert not (state_dir / "instances" / uid).exists()
+            MATRIX[(case.action.value, point)] = f"{crashed_in} -> deleted"
+            return
+        body = await instances.wait_idle("vm", case.final, timeout=RECOVERY_BOUND_S, agents=agents)
+        status = status_of(body)
+        power = lv.power(libvirt_view, uid)
+        assert power in {p.value for p in EXPECTED_POWER[VmState(case.final)]}, (case.final, power)
+        assert status["powerState"] == power
+        assert lv.domains_for(libvirt_view, uid) == 1
+        instance_files = {p.name for p in (state_dir / "instances" / uid).iterdir()}
+        assert ("disk.qcow2" in instance_files) == bool(status.get("image")), instance_files
+        assert ("rescue.qcow2" in instance_files) == (case.final == "rescued"), instance_files
+        assert not [p for p in agents.image_pool.iterdir() if PARTIAL_MARK in p.name]
+        if counter:
+            await asyncio.sleep(2)  # room for a second reboot to show up
+            assert counter.reboots == 1, f"{counter.reboots} reboots at libvirt ({counter.starts} starts, " \
+                                         f"{counter.resets} resets)"
+        last = status["lastAction"]
+        assert last["result"] in ("Succeeded", "Failed"), last
+        MATRIX[(case.action.value, point)] = (f"{crashed_in} -> {status['vmState']}, "
+                                              f"{last['name']} {last['result']}"
+                                              + (f": {last['message']}" if last["message"] else ""))
+
+        # 4. it takes new work (a hard reboot is allowed from every state but rescued/resized)
+        if case.final not in ("rescued", "resized"):
+            await instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "after-recovery"})
+            body = await instances.wait_idle("vm", "active", timeout=RECOVERY_BOUND_S, agents=agents,
+                                             last_id="after-recovery")
+            assert status_of(body)["lastAction"]["result"] == "Succeeded"
+    finally:
+        if counter:
+            counter.close()
+        if case.action == Action.SNAPSHOT:
+            for p in agents.image_pool.glob("crash-snap*"):
+                p.unlink()
+
+
+def test_print_crash_matrix():
+    """Runs last in this module: prints action x crash point -> outcome."""
+    if not MATRIX:
+        pytest.fail("no crash-point case ran before the matrix")
+    lines = ["| action | crash point | taskState at the crash -> outcome after restart |", "|---|---|---|"]
+    lines += [f"| {a} | {p} | {o} |" for (a, p), o in MATRIX.items()]
+    print("\n" + "\n".join(lines))
