@@ -77,6 +77,19 @@ class Agents:
         self.started.append(agent)
         return agent
 
+    def start_controller(self, webhook_port: int = 0) -> AgentProcess:
+        """`novalet controller`: the heartbeat watch, and the validating webhook if a port is given."""
+        log = self.workdir / f"controller-{len(self.started)}.log"
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+        cmd = [sys.executable, "-m", "novalet.cli", "controller", "--state-dir", str(self.workdir / "controller")]
+        if webhook_port:
+            cmd += ["--webhook-port", str(webhook_port)]
+        with log.open("ab") as out:
+            process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        controller = AgentProcess("controller", log, process)
+        self.started.append(controller)
+        return controller
+
     def stop_all(self) -> None:
         for agent in self.started:
             agent.stop()

@@ -1,0 +1,103 @@
+"""The validating webhook (`novalet controller`) refuses what depends on the current state,
+with a message a user can act on; the CRD schema and CEL refuse what is static."""
+import socket
+
+import pytest
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from novalet.controller.main import WEBHOOK_NAME
+
+from .harness import Instances, status_of, unique_node
+
+pytestmark = pytest.mark.stack
+FLAVOR = {"vcpus": 1, "memoryMiB": 128}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def webhook(agents, kube_api, control_plane):
+    controller = agents.start_controller(webhook_port=free_port())
+    admission = client.AdmissionregistrationV1Api(kube_api)
+    for _ in range(120):  # until the configuration exists and the server answers
+        try:
+            await admission.read_validating_webhook_configuration(WEBHOOK_NAME)
+            break
+        except ApiException:
+            import asyncio
+            await asyncio.sleep(0.25)
+    yield controller
+    controller.stop()
+    await admission.delete_validating_webhook_configuration(WEBHOOK_NAME)  # fails closed otherwise
+
+
+async def refused(coro) -> str:
+    with pytest.raises(ApiException) as error:
+        await coro
+    assert error.value.status in (400, 403, 422), error.value.body
+    return error.value.body
+
+
+async def test_state_dependent_request_refused_at_admission(webhook, instances, agents):
+    node = unique_node()
+    agents.start(node)
+    await instances.create("vm", {"flavor": FLAVOR, "image": "", "nodeName": node, "powerState": "Stopped"})
+    await instances.wait_idle("vm", "stopped", agents=agents)
+    body = await refused(instances.request("vm", {"name": "Reboot", "type": "Soft", "id": "r1"}))
+    assert "cannot reboot (soft) while vm_state is stopped; allowed:" in body
+    assert "reboot (hard)" in body
+    after = await instances.get("vm")
+    assert "action" not in after["spec"]  # nothing was stored: the user's object is as it was
+    await instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "r2"})  # allowed one passes
+    await instances.wait_idle("vm", "active", agents=agents, last_id="r2")
+
+
+async def test_reused_action_id_refused(webhook, instances, agents):
+    node = unique_node()
+    agents.start(node)
+    await instances.create("vm", {"flavor": FLAVOR, "image": "", "nodeName": node})
+    await instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "once"})
+    await instances.wait_idle("vm", "active", agents=agents, last_id="once")
+    await instances.patch_spec("vm", {"action": None})
+    body = await refused(instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "once"}))
+    assert "action id once was already used; commit a new id" in body
+
+
+async def test_reset_state_is_for_admins_only(webhook, instances, agents, control_plane, namespace,
+                                              kube_api, tmp_path):
+    node = unique_node()
+    agents.start(node)
+    await instances.create("vm", {"flavor": FLAVOR, "image": "", "nodeName": node})
+    await instances.wait_idle("vm", "active", agents=agents)
+    # a namespace user allowed to edit VirtualInstances, through a real token
+    control_plane.kubectl("-n", namespace, "create", "serviceaccount", "dev")
+    control_plane.kubectl("create", "clusterrole", f"vinst-editor-{namespace}", "--verb=get,list,patch,update",
+                          "--resource=virtualinstances.novalet.io")
+    control_plane.kubectl("-n", namespace, "create", "rolebinding", "dev-edit",
+                          f"--clusterrole=vinst-editor-{namespace}", f"--serviceaccount={namespace}:dev")
+    token = control_plane.kubectl("-n", namespace, "create", "token", "dev").stdout.strip()
+    cfg = client.Configuration(host=control_plane.server, api_key={"authorization": f"Bearer {token}"})
+    cfg.ssl_ca_cert = str(control_plane.ca_file)
+    async with client.ApiClient(cfg) as dev_api:
+        as_dev = Instances(dev_api, namespace)
+        body = await refused(as_dev.request("vm", {"name": "ResetState", "id": "reset-1", "state": "error"}))
+        assert "ResetState is for cluster administrators" in body
+        await as_dev.request("vm", {"name": "Reboot", "type": "Hard", "id": "dev-reboot"})  # the rest is fine
+    await instances.wait_idle("vm", "active", agents=agents, last_id="dev-reboot")
+    await instances.request("vm", {"name": "ResetState", "id": "reset-2", "state": "error"})  # as admin
+    body = await instances.wait_idle("vm", "error", agents=agents, last_id="reset-2")
+    assert "reset to error by an administrator" in status_of(body)["lastAction"]["message"]
+
+
+async def test_static_rules_refused_by_the_schema_without_a_webhook(instances):
+    body = await refused(instances.create("bad", {"flavor": FLAVOR, "image": "../../etc/shadow"}))
+    assert "spec.image" in body
+    body = await refused(instances.create("bad", {"flavor": FLAVOR, "action": {"name": "Reboot", "id": "x"}}))
+    assert "Reboot needs type: Soft or Hard" in body
+    body = await refused(instances.create("bad", {"flavor": {"vcpus": 0, "memoryMiB": 128}}))
+    assert "spec.flavor.vcpus" in body
