@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--webhook-addr", default="127.0.0.1", help="address the webhook listens on")
     ctl.add_argument("--webhook-host", default="127.0.0.1",
                      help="host name or IP the apiserver uses to reach the webhook")
+    ctl.add_argument("--webhook-service", metavar="NAMESPACE/NAME",
+                     help="register the webhook by this Service (in a cluster) instead of by URL")
     ctl.add_argument("--tls-cert", type=Path, help="serving certificate (default: self-signed)")
     ctl.add_argument("--tls-key", type=Path)
     ctl.add_argument("--state-dir", type=Path, default=Path("/var/lib/novalet"))

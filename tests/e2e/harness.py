@@ -124,7 +124,11 @@ class Instances:
             GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec}, _content_type=MERGE)
 
     async def request(self, name: str, action: dict[str, Any]) -> dict[str, Any]:
-        return await self.patch_spec(name, {"action": action})
+        """A new one-shot request replaces spec.action whole (a merge patch would keep the old
+        request's other fields, e.g. a Reboot's type, and the schema refuses the mix)."""
+        return await self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, [{"op": "add", "path": "/spec/action", "value": action}],
+            _content_type="application/json-patch+json")
 
     async def delete(self, name: str) -> None:
         await self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)

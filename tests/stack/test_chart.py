@@ -126,17 +126,19 @@ def test_helm_template_renders(helm):
     assert host_paths == {"/run/libvirt", "/var/lib/novalet"}  # the image pool is inside the state dir
     assert pod["serviceAccountName"] == "rel-novalet-agent"
 
-    # the controller: the webhook on 0.0.0.0:9443, reached through the Service's DNS name
+    # the controller: the webhook on 0.0.0.0:9443, registered by Service reference (the apiserver
+    # reaches a Service even where it cannot resolve *.svc names), the DNS name in its certificate
     dep = _one(docs, "Deployment", "-controller")
     (ctl,) = dep["spec"]["template"]["spec"]["containers"]
-    assert ctl["args"][:4] == ["controller", "--webhook-port=9443", "--webhook-addr=0.0.0.0",
-                               "--webhook-host=rel-novalet-controller.nv.svc"]
+    assert ctl["args"][:5] == ["controller", "--webhook-port=9443", "--webhook-addr=0.0.0.0",
+                               "--webhook-host=rel-novalet-controller.nv.svc",
+                               "--webhook-service=nv/rel-novalet-controller"]
     assert dep["spec"]["replicas"] == 1
     svc = _one(docs, "Service", "-controller")
     assert svc["spec"]["ports"][0]["port"] == 9443
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
 
-    # values: a separate image pool gets its own mount; a fixed ClusterIP becomes the webhook host
+    # values: a separate image pool gets its own mount; a fixed ClusterIP is the Service's
     docs = _docs(helm("template", "rel", str(CHART), "-n", "nv", "--set", "agent.imagePool=/srv/images",
                       "--set", "controller.service.clusterIP=10.96.0.200",
                       "--set", "controller.tls.secretName=novalet-tls", "--set", "agent.readSecrets=false").stdout)
@@ -145,7 +147,7 @@ def test_helm_template_renders(helm):
         {"/run/libvirt", "/var/lib/novalet", "/srv/images"}
     assert "--image-pool=/srv/images" in pod["containers"][0]["args"]
     ctl = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    assert "--webhook-host=10.96.0.200" in ctl["args"]
+    assert "--webhook-host=rel-novalet-controller.nv.svc" in ctl["args"]  # what a Service call verifies
     assert "--tls-cert=/etc/novalet/tls/tls.crt" in ctl["args"]
     assert _one(docs, "Service")["spec"]["clusterIP"] == "10.96.0.200"
     assert not any(r[1] == "secrets" for r in _rules(_one(docs, "ClusterRole", "-agent")))

@@ -56,8 +56,6 @@ Service's DNS name. */}}
 {{- define "novalet.webhookHost" -}}
 {{- if .Values.controller.webhook.host }}
 {{- .Values.controller.webhook.host }}
-{{- else if .Values.controller.service.clusterIP }}
-{{- .Values.controller.service.clusterIP }}
 {{- else }}
 {{- printf "%s-controller.%s.svc" (include "novalet.fullname" .) .Release.Namespace }}
 {{- end }}

@@ -26,7 +26,18 @@ def _parse(body: Any) -> VirtualInstance | None:
     return VirtualInstance.model_validate(dict(body)) if body else None
 
 
-def webhook_configuration(url: str, ca_bundle: bytes) -> dict[str, Any]:
+def client_config(url: str, service: str | None, port: int, ca_bundle: bytes) -> dict[str, Any]:
+    """By Service reference when given (in a cluster: the apiserver often cannot resolve
+    `*.svc` names, but always reaches a Service), else by URL (the local stack, loopback)."""
+    bundle = base64.b64encode(ca_bundle).decode()
+    if service:
+        namespace, name = service.split("/", 1)
+        return {"service": {"namespace": namespace, "name": name, "port": port, "path": f"/{HANDLER_ID}"},
+                "caBundle": bundle}
+    return {"url": url, "caBundle": bundle}
+
+
+def webhook_configuration(client_config: dict[str, Any]) -> dict[str, Any]:
     """Called only when the spec changes (matchConditions): the agent's metadata and status
     writes never depend on the webhook being up, so a down webhook cannot wedge a delete."""
     return {
@@ -35,7 +46,7 @@ def webhook_configuration(url: str, ca_bundle: bytes) -> dict[str, Any]:
         "webhooks": [{
             "name": WEBHOOK_NAME, "admissionReviewVersions": ["v1"], "sideEffects": "None",
             "failurePolicy": "Fail", "timeoutSeconds": 5,
-            "clientConfig": {"url": url, "caBundle": base64.b64encode(ca_bundle).decode()},
+            "clientConfig": client_config,
             "rules": [{"apiGroups": [GROUP], "apiVersions": [VERSION], "resources": [PLURAL],
                        "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"}],
             "matchConditions": [{"name": "spec-changed",
@@ -44,9 +55,9 @@ def webhook_configuration(url: str, ca_bundle: bytes) -> dict[str, Any]:
     }
 
 
-async def ensure_webhook_configuration(api: client.ApiClient, url: str, ca_bundle: bytes) -> None:
+async def ensure_webhook_configuration(api: client.ApiClient, config: dict[str, Any]) -> None:
     admission = client.AdmissionregistrationV1Api(api)
-    body = webhook_configuration(url, ca_bundle)
+    body = webhook_configuration(config)
     try:
         existing = await admission.read_validating_webhook_configuration(WEBHOOK_NAME)
         body["metadata"]["resourceVersion"] = existing.metadata.resource_version
@@ -73,7 +84,8 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
                 addr=args.webhook_addr, port=args.webhook_port, host=host, certfile=str(cert), pkeyfile=str(key))
             settings.admission.managed = None  # we write the configuration: it needs matchConditions
             url = f"https://{host}:{args.webhook_port}/{HANDLER_ID}"
-            await ensure_webhook_configuration(api, url, Path(cert).read_bytes())
+            await ensure_webhook_configuration(api, client_config(
+                url, args.webhook_service, args.webhook_port, Path(cert).read_bytes()))
         watch = HeartbeatWatch(api, args.lease_namespace)
         asyncio.get_running_loop().create_task(watch.run())
 
