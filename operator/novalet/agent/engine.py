@@ -250,13 +250,18 @@ class Engine:
 
     # ---- no task, no request ---------------------------------------------------------
     async def _sync(self, body: dict[str, Any], inst: VirtualInstance) -> bool:
+        """Nothing to do for the spec: record libvirt's power state (drift) and that this
+        generation is fully handled (observedGeneration: kstatus reads it with Ready)."""
         facts = await self.ops.facts(inst)
-        status = _with_agent_ready(inst.status, self.node)
-        synced = transitions.observe_power(status, facts.power_state, facts.exists, now())
-        if _same(synced, inst.status):
+        generation = inst.metadata.generation
+
+        def synced(status: VirtualInstanceStatus) -> VirtualInstanceStatus:
+            observed = transitions.observe_power(status, facts.power_state, facts.exists, now())
+            return observed.model_copy(update={"observedGeneration": generation})
+
+        if _same(_with_agent_ready(synced(inst.status), self.node), inst.status):
             return False
-        await self._cas(body, lambda s: transitions.observe_power(
-            s, facts.power_state, facts.exists, now()), guard=None)
+        await self._cas(body, synced, guard=None)
         return True
 
     async def _reset_state(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> None:
