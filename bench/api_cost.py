@@ -13,9 +13,9 @@ import re
 import time
 from collections import Counter
 
+from common import local_stack, write_result
 from kubernetes_asyncio import client, config, watch
 
-from common import local_stack, write_result
 from novalet.devenv.guest import MARKER, build_tiny_image, wait_for_marker
 
 NS = "default"

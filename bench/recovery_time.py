@@ -8,16 +8,20 @@ The Kubernetes side is the real local control plane.
 """
 import asyncio
 import statistics
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
-from datetime import datetime, timezone
-
-from kubernetes_asyncio import client, config
+from datetime import UTC, datetime
 
 from common import local_stack, write_result
-from novalet.virt.domain_xml import Flavor, InstanceMetadata, domain_name, instance_domain_config, build_domain_xml
+from kubernetes_asyncio import client, config
+
+from novalet.virt.domain_xml import (
+    Flavor,
+    InstanceMetadata,
+    build_domain_xml,
+    instance_domain_config,
+)
 
 COUNT = 100
 RUNS = 3  # each in its own namespace, node and test-driver file; the median is quoted
@@ -65,7 +69,7 @@ def domain_for(uid: str, name: str, run_state: int, workdir, ns: str, node: str)
 
 async def seed(custom, ns: str, node: str) -> list[tuple[str, str, int | None]]:
     """Create the objects, then give each the status a crashed agent left behind."""
-    now = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    now = datetime.now(UTC).replace(microsecond=0).isoformat()
     dead_owner = f"{node}/gone-host/1/dead00"
     made = []
     for i in range(COUNT):

@@ -1,6 +1,6 @@
 """Fixtures for end-to-end tests: real apiserver, real libvirtd, agents as OS processes."""
-import pytest
 import libvirt
+import pytest
 
 from novalet.devenv.testing import TINY  # noqa: F401  (re-exported for the tests)
 

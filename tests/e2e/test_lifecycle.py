@@ -6,7 +6,7 @@ import base64
 import pytest
 from kubernetes_asyncio import client
 
-from novalet.devenv.guest import MARKER, count_markers, wait_for_marker
+from novalet.devenv.guest import count_markers, wait_for_marker
 from novalet.virt.images import ImagePool
 
 from . import libvirt_checks as lv
@@ -77,7 +77,7 @@ async def test_soft_reboot_of_a_guest_that_answers_acpi_stays_soft(instances, ag
 
 
 async def test_soft_reboot_ignored_by_the_guest_escalates_to_hard(instances, agents, libvirt_view):
-    node, body = await build(instances, agents, "vm", image="")  # diskless: never answers ACPI
+    _node, body = await build(instances, agents, "vm", image="")  # diskless: never answers ACPI
     uid = body["metadata"]["uid"]
     counter = lv.BootCounter(libvirt_view, uid)
     try:
@@ -92,7 +92,7 @@ async def test_soft_reboot_ignored_by_the_guest_escalates_to_hard(instances, age
 
 
 async def test_hard_reboot_same_id_twice_runs_once(instances, agents, libvirt_view):
-    node, body = await build(instances, agents, "vm", image="")
+    _node, body = await build(instances, agents, "vm", image="")
     uid = body["metadata"]["uid"]
     counter = lv.BootCounter(libvirt_view, uid)
     try:
@@ -112,7 +112,7 @@ async def test_hard_reboot_same_id_twice_runs_once(instances, agents, libvirt_vi
 
 
 async def test_refused_request_is_recorded_and_blocks_nothing(instances, agents, libvirt_view):
-    node, body = await build(instances, agents, "vm", image="", expect="stopped", powerState="Stopped")
+    _node, body = await build(instances, agents, "vm", image="", expect="stopped", powerState="Stopped")
     await instances.request("vm", {"name": "Reboot", "type": "Soft", "id": "soft-while-stopped"})
     body = await instances.wait("vm", lambda b: (status_of(b).get("lastAction") or {}).get("id")
                                 == "soft-while-stopped", agents=agents, what="the refusal")
@@ -141,7 +141,7 @@ async def test_rescue_and_unrescue(instances, agents, libvirt_view):
 
 
 async def test_resize_confirm_then_resize_revert(instances, agents, libvirt_view):
-    node, body = await build(instances, agents, "vm", image="")
+    _node, body = await build(instances, agents, "vm", image="")
     uid = body["metadata"]["uid"]
     await instances.patch_spec("vm", {"flavor": {"vcpus": 2, "memoryMiB": 192}})
     body = await instances.wait_idle("vm", "resized", agents=agents)
@@ -172,7 +172,7 @@ async def test_rebuild_to_another_image(instances, agents, libvirt_view):
 
 
 async def test_snapshot_lands_in_the_image_pool(instances, agents, libvirt_view):
-    node, body = await build(instances, agents, "vm")
+    _node, body = await build(instances, agents, "vm")
     await instances.request("vm", {"name": "Snapshot", "id": "snap-1", "snapshotName": "vm-snap"})
     body = await instances.wait_idle("vm", "active", agents=agents, last_id="snap-1")
     assert status_of(body)["lastAction"]["result"] == "Succeeded"
@@ -182,7 +182,7 @@ async def test_snapshot_lands_in_the_image_pool(instances, agents, libvirt_view)
 
 
 async def test_set_password_without_guest_agent_fails_clearly(instances, agents, kube_api, namespace):
-    node, body = await build(instances, agents, "vm")
+    _node, body = await build(instances, agents, "vm")
     secret = client.V1Secret(metadata=client.V1ObjectMeta(name="pw"),
                              data={"password": base64.b64encode(b"s3cret").decode()})
     await client.CoreV1Api(kube_api).create_namespaced_secret(namespace, secret)
@@ -201,3 +201,23 @@ async def test_delete_removes_domain_and_disks_before_the_object(instances, agen
     await instances.wait_gone("vm", agents=agents)
     assert lv.domain(libvirt_view, uid) is None
     assert not instance_dir.exists()
+
+
+async def test_hard_reboot_supersedes_a_running_soft_reboot(instances, agents, libvirt_view):
+    node = unique_node()
+    agents.start(node, soft_reboot_timeout=45)  # a diskless guest would make the soft one wait 45 s
+    await instances.create("vm", {"flavor": FLAVOR, "image": "", "nodeName": node})
+    body = await instances.wait_idle("vm", "active", agents=agents)
+    counter = lv.BootCounter(libvirt_view, body["metadata"]["uid"])
+    try:
+        await instances.request("vm", {"name": "Reboot", "type": "Soft", "id": "soft-1"})
+        await instances.wait("vm", lambda b: status_of(b).get("taskState") == "reboot_started",
+                             what="the soft reboot to start", agents=agents)
+        await instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "hard-1"})
+        body = await instances.wait_idle("vm", "active", agents=agents, last_id="hard-1", timeout=30)
+        soft, hard = status_of(body)["history"][-2:]
+        assert (soft["id"], soft["result"], soft["message"]) == ("soft-1", "Failed", "superseded by hard reboot hard-1")
+        assert (hard["id"], hard["result"]) == ("hard-1", "Succeeded")
+        assert counter.starts == 1
+    finally:
+        counter.close()

@@ -29,7 +29,7 @@ async def _settled(instances, agents, names: list[str], vm_state: str, last_id: 
 
 
 async def test_libvirtd_restart_while_actions_run(instances, agents, libvirtd, libvirt_uri):
-    node, names = await _fleet(instances, agents, 4)
+    _node, names = await _fleet(instances, agents, 4)
     for name in names:
         await instances.request(name, {"name": "Reboot", "type": "Hard", "id": "during-libvirtd-restart"})
     libvirtd.restart()
@@ -47,7 +47,7 @@ async def test_libvirtd_restart_while_actions_run(instances, agents, libvirtd, l
 
 
 async def test_control_plane_restart_while_actions_run(instances, agents, control_plane, kube_api):
-    node, names = await _fleet(instances, agents, 4)
+    _node, names = await _fleet(instances, agents, 4)
     for name in names:
         await instances.request(name, {"name": "Reboot", "type": "Hard", "id": "during-apiserver-restart"})
     control_plane.stop()

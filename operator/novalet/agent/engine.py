@@ -7,13 +7,13 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .. import FINALIZER
 from ..api.models import Condition, VirtualInstance, VirtualInstanceStatus
 from ..core import policy, recovery, transitions
-from ..core.desire import Request, next_request
+from ..core.desire import Request, next_request, supersedes_running_task
 from ..core.plans import ESCALATE_TO_HARD, Plan, plan_of
 from ..core.vocabulary import Action, VmState
 from ..kube.events import EventRecorder
@@ -31,7 +31,7 @@ class LostTask(Exception):
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def _key(body: dict[str, Any]) -> tuple[str, str]:
@@ -54,6 +54,7 @@ class Engine:
         self.store, self.events, self.ops = store, events, ops
         self.node, self.owner = node, owner
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._changes: dict[tuple[str, str], asyncio.Event] = {}
 
     # ---- placement -------------------------------------------------------------------
     def is_mine(self, inst: VirtualInstance) -> bool:
@@ -169,7 +170,14 @@ class Engine:
                 if step.op is None:
                     continue
                 crash_if("after_started", plan.action.value)
-                outcome = await self.ops.run(step.op, parse(body))
+                if step.op == "reboot_soft":
+                    outcome, superseded_by = await self._soft_reboot(body)
+                    if superseded_by:
+                        await self._end(body, plan, succeeded=False,
+                                        message=f"superseded by hard reboot {superseded_by}")
+                        return
+                else:
+                    outcome = await self.ops.run(step.op, parse(body))
                 if outcome is False and step.op == "reboot_soft":
                     body, escalation = await self._escalate(body, guard)
                     message = "; ".join(filter(None, (message, escalation)))
@@ -179,6 +187,34 @@ class Engine:
             await self._end(body, plan, succeeded=False, message="; ".join(filter(None, (note, str(error)))))
             return
         await self._end(body, plan, succeeded=True, message=message)
+
+    def notify(self, namespace: str, name: str) -> None:
+        """The object changed: wake a soft reboot that waits, to see whether a hard one came."""
+        changed = self._changes.get((namespace, name))
+        if changed:
+            changed.set()
+
+    async def _soft_reboot(self, body: dict[str, Any]) -> tuple[bool | None, str | None]:
+        """Wait for the guest's soft reboot, unless a hard reboot request supersedes it."""
+        key = _key(body)
+        changed = self._changes[key] = asyncio.Event()
+        reboot = asyncio.ensure_future(self.ops.run("reboot_soft", parse(body)))
+        try:
+            while True:
+                woke = asyncio.ensure_future(changed.wait())
+                await asyncio.wait({reboot, woke}, return_when=asyncio.FIRST_COMPLETED)
+                woke.cancel()
+                if reboot.done():
+                    return reboot.result(), None
+                changed.clear()
+                fresh = await self.store.get(*key)
+                inst = parse(fresh) if fresh else None
+                hard = inst and supersedes_running_task(inst.spec, inst.status)
+                if hard:  # the waiting thread times out on its own; its answer no longer matters
+                    reboot.add_done_callback(lambda f: f.exception())
+                    return None, hard
+        finally:
+            self._changes.pop(key, None)
 
     async def _escalate(self, body: dict[str, Any], guard) -> tuple[dict[str, Any], str]:
         facts = await self.ops.facts(parse(body))

@@ -65,7 +65,7 @@ class Agent:
         while True:
             try:
                 held = await self.lease.try_acquire_or_renew()
-            except Exception as error:  # apiserver down: stop acting once the lease runs out
+            except Exception as error:  # noqa: BLE001 - apiserver down: stand by until renewed
                 log.warning("lease renewal failed: %s", error)
                 held = False
             if held and not self.lease_held.is_set() and self.activation is None:

@@ -5,7 +5,7 @@ cluster controller; the agent sets the condition back to True when it returns.
 """
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from kubernetes_asyncio import client
 
@@ -62,7 +62,7 @@ class HeartbeatWatch:
         return {lease.metadata.labels[NODE_LABEL]: view(lease) for lease in result.items}
 
     async def check_once(self) -> int:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         leases = await self.leases()
         marked = 0
         for body in await self.store.list_all():

@@ -97,3 +97,13 @@ def next_request(spec: VirtualInstanceSpec, status: VirtualInstanceStatus, gener
                                            (last.result == "Failed" and not retry_failed)):
         return None  # refused (or failed) for this generation: wait for a change or the resync
     return Request(action, request_id, imperative=False)
+
+
+def supersedes_running_task(spec: VirtualInstanceSpec, status: VirtualInstanceStatus) -> str | None:
+    """The id of a new hard reboot that supersedes the soft reboot now running, if any."""
+    task = status.currentTask
+    if task is None or task.name != A.REBOOT_SOFT.value or task.escalated:
+        return None
+    if imperative_action(spec) == A.REBOOT_HARD and spec.action.id not in seen_ids(status):
+        return spec.action.id
+    return None

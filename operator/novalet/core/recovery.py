@@ -93,9 +93,8 @@ POWER_TARGETS = {
 
 def _power(task: CurrentTask, facts: DomainFacts) -> Recovery:
     action, target = POWER_TARGETS[task.taskState]
-    if _power_reached(target, facts, "normal"):
-        if target != V.SUSPENDED or facts.has_managed_save:
-            return Recovery("finish", action, vm_state=target)
+    if _power_reached(target, facts, "normal") and (target != V.SUSPENDED or facts.has_managed_save):
+        return Recovery("finish", action, vm_state=target)
     return Recovery("redo", action)
 
 

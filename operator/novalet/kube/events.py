@@ -1,6 +1,6 @@
 """Kubernetes Events for each step a user should see (`kubectl describe vinst`)."""
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -17,7 +17,7 @@ class EventRecorder:
     async def emit(self, body: dict[str, Any], reason: str, note: str, warning: bool = False,
                    action: str = "Reconcile") -> None:
         meta = body["metadata"]
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         event = client.EventsV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}-", namespace=meta["namespace"]),
             event_time=now, action=action, reason=reason, note=note[:1024],

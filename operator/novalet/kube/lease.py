@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -71,7 +71,7 @@ class NodeLease:
 
     async def try_acquire_or_renew(self) -> bool:
         """True while this agent holds the node's lease. A compare-and-swap on the Lease."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         lease = await self.read()
         current = view(lease)
         if current.holder not in (None, self.identity) and not current.expired(now) \
