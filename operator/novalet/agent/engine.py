@@ -55,6 +55,7 @@ class Engine:
         self.node, self.owner = node, owner
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._changes: dict[tuple[str, str], asyncio.Event] = {}
+        self._latest: dict[tuple[str, str], dict[str, Any]] = {}
 
     # ---- placement -------------------------------------------------------------------
     def is_mine(self, inst: VirtualInstance) -> bool:
@@ -119,7 +120,9 @@ class Engine:
         `guard` says the task is still ours, else let the caller decide again."""
         while True:
             try:
-                status = _with_agent_ready(mutate(parse(body).status), self.node)
+                current = parse(body)
+                status = _with_agent_ready(mutate(current.status), self.node).model_copy(
+                    update={"observedGeneration": current.metadata.generation})  # the spec it acted on
                 return await self.store.write_status(body, status)
             except Conflict:
                 if guard is None:
@@ -188,11 +191,13 @@ class Engine:
             return
         await self._end(body, plan, succeeded=True, message=message)
 
-    def notify(self, namespace: str, name: str) -> None:
-        """The object changed: wake a soft reboot that waits, to see whether a hard one came."""
-        changed = self._changes.get((namespace, name))
-        if changed:
-            changed.set()
+    def notify(self, body: dict[str, Any]) -> None:
+        """The object changed (a watch event): a soft reboot that waits looks at it, in case a
+        hard reboot came to supersede it."""
+        key = _key(body)
+        if key in self._changes:
+            self._latest[key] = body
+            self._changes[key].set()
 
     async def _soft_reboot(self, body: dict[str, Any]) -> tuple[bool | None, str | None]:
         """Wait for the guest's soft reboot, unless a hard reboot request supersedes it."""
@@ -207,14 +212,14 @@ class Engine:
                 if reboot.done():
                     return reboot.result(), None
                 changed.clear()
-                fresh = await self.store.get(*key)
-                inst = parse(fresh) if fresh else None
-                hard = inst and supersedes_running_task(inst.spec, inst.status)
+                inst = parse(self._latest.pop(key))
+                hard = supersedes_running_task(inst.spec, inst.status)
                 if hard:  # the waiting thread times out on its own; its answer no longer matters
                     reboot.add_done_callback(lambda f: f.exception())
                     return None, hard
         finally:
             self._changes.pop(key, None)
+            self._latest.pop(key, None)
 
     async def _escalate(self, body: dict[str, Any], guard) -> tuple[dict[str, Any], str]:
         facts = await self.ops.facts(parse(body))
@@ -286,16 +291,16 @@ class Engine:
 
     # ---- no task, no request ---------------------------------------------------------
     async def _sync(self, body: dict[str, Any], inst: VirtualInstance) -> bool:
-        """Nothing to do for the spec: record libvirt's power state (drift) and that this
-        generation is fully handled (observedGeneration: kstatus reads it with Ready)."""
+        """Nothing to do for the spec: record libvirt's power state (drift), and that this
+        generation is handled when no action wrote it yet (e.g. a spec change that needs none)."""
         facts = await self.ops.facts(inst)
-        generation = inst.metadata.generation
 
         def synced(status: VirtualInstanceStatus) -> VirtualInstanceStatus:
-            observed = transitions.observe_power(status, facts.power_state, facts.exists, now())
-            return observed.model_copy(update={"observedGeneration": generation})
+            return transitions.observe_power(status, facts.power_state, facts.exists, now())
 
-        if _same(_with_agent_ready(synced(inst.status), self.node), inst.status):
+        expected = _with_agent_ready(synced(inst.status), self.node).model_copy(
+            update={"observedGeneration": inst.metadata.generation})
+        if _same(expected, inst.status):
             return False
         await self._cas(body, synced, guard=None)
         return True

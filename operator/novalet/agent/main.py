@@ -140,6 +140,7 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
             agent.scheduler.forget(body)
             return
         agent.scheduler.remember(body)
+        agent.engine.notify(dict(body))
         agent.scheduler.kick(body["metadata"]["namespace"], body["metadata"]["name"])
 
     return registry

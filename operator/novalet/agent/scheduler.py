@@ -26,7 +26,6 @@ class Scheduler:
 
     def kick(self, namespace: str, name: str) -> None:
         key = (namespace, name)
-        self.engine.notify(namespace, name)
         if key in self.tasks and not self.tasks[key].done():
             self.again.add(key)
             return
