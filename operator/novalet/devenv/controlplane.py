@@ -23,6 +23,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .processes import log_tail, pid_alive, proc_cmdline
+
 __all__ = ["TOOLS", "ControlPlane", "ControlPlaneError", "find_bin_dir", "repo_root"]
 
 TOOLS = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
@@ -102,39 +104,6 @@ def port_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 32768))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return f"(no log at {path})"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
 
 
 # ---------------------------------------------------------------------------------------
@@ -330,9 +299,9 @@ class ControlPlane:
             pid = int(self.pid_file(name).read_text().strip())
         except (OSError, ValueError):
             return None
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return None
-        cmd = _cmdline(pid)
+        cmd = proc_cmdline(pid)
         # guard against pid reuse: our binary, with our state dir in its arguments
         if not cmd or os.path.basename(cmd[0]) != name or not any(str(self.state_dir) in a for a in cmd):
             return None
@@ -429,7 +398,7 @@ class ControlPlane:
 
     def _failure(self, name: str, what: str) -> str:
         log = self.log_file(name)
-        tail = _tail(log, 400).splitlines()
+        tail = log_tail(log, 400).splitlines()
         # klog error lines ("E1124 ...") and etcd/zap errors first: the info noise is long
         errors = [line for line in tail if line[:1] == "E" and line[1:5].isdigit()
                   or '"level":"error"' in line or '"level":"fatal"' in line]
@@ -541,15 +510,15 @@ class ControlPlane:
             except ProcessLookupError:
                 pass
             deadline = time.monotonic() + timeout
-            while _pid_alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 self._reap(name)
                 time.sleep(0.02)
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 try:
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                while _pid_alive(pid) and time.monotonic() < deadline + 5:
+                while pid_alive(pid) and time.monotonic() < deadline + 5:
                     self._reap(name)
                     time.sleep(0.02)
             self._reap(name)

@@ -36,7 +36,6 @@ import logging
 import lzma
 import os
 import re
-import shutil
 import struct
 import subprocess
 import tempfile
@@ -44,6 +43,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..virt.images import link_or_copy
+from . import processes
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +106,8 @@ class GuestArtifacts:
 
 
 def cache_root() -> Path:
-    """``$NOVALET_CACHE/guest`` or ``${XDG_CACHE_HOME:-~/.cache}/novalet/guest`` (as devenv.libvirtd)."""
-    if os.environ.get("NOVALET_CACHE"):
-        return Path(os.environ["NOVALET_CACHE"]) / "guest"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "novalet" / "guest"
+    """``<novalet cache>/guest`` (see :func:`novalet.devenv.processes.cache_root`)."""
+    return processes.cache_root() / "guest"
 
 
 def _run(args: list[str], cwd: Path | None = None) -> str:
@@ -349,18 +348,6 @@ def _load(d: Path) -> GuestArtifacts:
                           cmdline=(d / "cmdline").read_text().strip())
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def build_tiny_image(pool: Path, name: str) -> None:
     """Write ``<name>.qcow2`` (empty 16 MiB disk) + ``.kernel`` + ``.initrd`` + ``.cmdline`` into a pool."""
     from novalet.virt.images import validate_image_name
@@ -368,8 +355,8 @@ def build_tiny_image(pool: Path, name: str) -> None:
     validate_image_name(name)
     art = ensure_guest_artifacts()
     pool.mkdir(parents=True, exist_ok=True)
-    _link_or_copy(art.kernel, pool / f"{name}.kernel")
-    _link_or_copy(art.initrd, pool / f"{name}.initrd")
+    link_or_copy(art.kernel, pool / f"{name}.kernel")
+    link_or_copy(art.initrd, pool / f"{name}.initrd")
     (pool / f"{name}.cmdline").write_text(art.cmdline + "\n")
     disk = pool / f"{name}.qcow2"
     if not disk.exists():

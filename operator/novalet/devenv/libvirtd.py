@@ -49,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .processes import cache_root, log_tail, pid_alive, proc_cmdline
+
 __all__ = [
     "Libvirtd",
     "LibvirtdError",
@@ -70,14 +72,6 @@ BIND_MOUNTS = {
 
 class LibvirtdError(RuntimeError):
     pass
-
-
-def cache_root() -> Path:
-    """The user cache for novalet (same rule as hack/build-controlplane.sh)."""
-    if os.environ.get("NOVALET_CACHE"):
-        return Path(os.environ["NOVALET_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "novalet"
 
 
 def kvm_probe_file() -> Path:
@@ -110,39 +104,6 @@ def domain_type() -> str:
     except (OSError, ValueError):
         return "qemu"
     return "kvm" if isinstance(result, dict) and result.get("kvm_boots") is True else "qemu"
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            text = f.read().decode(errors="replace")
-    except OSError:
-        return f"(no log at {path})"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
 
 
 def ensure_libvirt_qemu_user() -> None:
@@ -232,9 +193,9 @@ class Libvirtd:
             if self._proc is not None and self._proc.poll() is None:
                 return self._proc.pid
             return None
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return None
-        cmd = _cmdline(pid)
+        cmd = proc_cmdline(pid)
         # guard against pid reuse: it must be a libvirtd running our config
         if not cmd or "libvirtd" not in os.path.basename(cmd[0]) or str(self.config_file) not in cmd:
             return None
@@ -375,7 +336,7 @@ class Libvirtd:
             if self.healthy():
                 return self
             raise LibvirtdError(f"a libvirtd (pid {self.pid}) runs on {self.state_dir} but does not answer; "
-                                f"log tail:\n{_tail(self.log_file)}")
+                                f"log tail:\n{log_tail(self.log_file)}")
         self.check_prerequisites()
         ensure_libvirt_qemu_user()
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -403,8 +364,8 @@ class Libvirtd:
         return self
 
     def _failure(self, what: str, log_start: int = 0) -> str:
-        log = _tail(self.log_file, 20)
-        out = _tail(self.stdout_file, 10)
+        log = log_tail(self.log_file, 20)
+        out = log_tail(self.stdout_file, 10)
         return f"{what} (state {self.state_dir})\n--- {self.log_file} ---\n{log}\n--- {self.stdout_file} ---\n{out}"
 
     def destroy_all_domains(self, undefine: bool = True) -> None:
@@ -450,15 +411,15 @@ class Libvirtd:
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + timeout
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.02)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            while _pid_alive(pid) and time.monotonic() < deadline + 5:
+            while pid_alive(pid) and time.monotonic() < deadline + 5:
                 self._reap()
                 time.sleep(0.02)
         self._reap()

@@ -80,7 +80,7 @@ def _qemu_img(args: list[str]) -> str:
     return proc.stdout
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}{PARTIAL_MARK}{uuidlib.uuid4().hex[:8]}")
     try:
         try:
@@ -225,7 +225,7 @@ class ImagePool:
                 for attr, ext in (("kernel", "kernel"), ("initrd", "initrd")):
                     p = getattr(src, attr)
                     if p is not None:
-                        _link_or_copy(p, self.pool / f"{snapshot_name}.{ext}")
+                        link_or_copy(p, self.pool / f"{snapshot_name}.{ext}")
                 if src.cmdline is not None:
                     (self.pool / f"{snapshot_name}.cmdline").write_text(src.cmdline + "\n")
             os.rename(tmp, final)  # last: the image appears complete or not at all
