@@ -422,7 +422,13 @@ class Libvirtd:
             while pid_alive(pid) and time.monotonic() < deadline + 5:
                 self._reap()
                 time.sleep(0.02)
-        self._reap()
+        if self._proc is not None:  # the process we spawned (unshare) may outlive libvirtd briefly
+            try:
+                self._proc.wait(timeout=max(0.1, deadline + 5 - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+            self._proc = None
         self.pid_file.unlink(missing_ok=True)
 
     def _reap(self) -> None:
