@@ -22,7 +22,7 @@ if [ -n "$user_kubeconfig" ]; then
   webhook=()   # a remote apiserver cannot call a webhook on this machine's loopback
 else
   "$novalet" dev up
-  webhook=(--webhook-port "${NOVALET_WEBHOOK_PORT:-9443}")
+  webhook=(--webhook-port "${NOVALET_WEBHOOK_PORT:-9443}" --remove-webhook-on-exit)
 fi
 eval "$("$novalet" dev env)"
 [ -n "$user_kubeconfig" ] && export KUBECONFIG=$user_kubeconfig
@@ -30,7 +30,7 @@ eval "$("$novalet" dev env)"
 
 "$novalet" controller --state-dir "$state" "${webhook[@]}" &
 controller=$!
-trap 'kill "$controller" 2>/dev/null || true' EXIT
+trap 'kill "$controller" 2>/dev/null && wait "$controller" 2>/dev/null || true' EXIT
 
 cat <<MSG
 

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="host name or IP the apiserver uses to reach the webhook")
     ctl.add_argument("--webhook-service", metavar="NAMESPACE/NAME",
                      help="register the webhook by this Service (in a cluster) instead of by URL")
+    ctl.add_argument("--remove-webhook-on-exit", action="store_true",
+                     help="delete the webhook configuration on a clean exit (local runs)")
     ctl.add_argument("--tls-cert", type=Path, help="serving certificate (default: self-signed)")
     ctl.add_argument("--tls-key", type=Path)
     ctl.add_argument("--state-dir", type=Path, default=Path("/var/lib/novalet"))

@@ -39,3 +39,11 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from .test_crash_recovery import MATRIX, matrix_table
+
+    if MATRIX:
+        terminalreporter.write_sep("=", "crash-point matrix")
+        terminalreporter.write_line(matrix_table())

@@ -3,8 +3,8 @@ restarted; nothing stays in a task state, libvirt agrees with status, nothing ra
 
 Each case: bring an instance to the action's starting state with a healthy agent, restart the
 agent with NOVALET_CRASH_AT=<point>@<Action>, ask for the action, watch the agent die there,
-start it again and check what a user (and libvirt) sees. The table is printed at the end and
-kept in docs/crash-recovery.md.
+start it again and check what a user (and libvirt) sees. The table is printed in the test
+session's summary and kept in docs/recovery.md.
 """
 import asyncio
 import base64
@@ -170,10 +170,8 @@ async def test_crash_point(case: Case, point: str, instances, agents, libvirt_vi
                 p.unlink()
 
 
-def test_print_crash_matrix():
-    """Runs last in this module: prints action x crash point -> outcome."""
-    if not MATRIX:
-        pytest.fail("no crash-point case ran before the matrix")
+def matrix_table() -> str:
+    """action x crash point -> outcome, as Markdown (printed in the session summary)."""
     lines = ["| action | crash point | taskState at the crash -> outcome after restart |", "|---|---|---|"]
     lines += [f"| {a} | {p} | {o} |" for (a, p), o in MATRIX.items()]
-    print("\n" + "\n".join(lines))
+    return "\n".join(lines)

@@ -89,6 +89,17 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
         watch = HeartbeatWatch(api, args.lease_namespace)
         asyncio.get_running_loop().create_task(watch.run())
 
+    @kopf.on.cleanup(registry=registry)
+    async def remove_webhook(**_: Any) -> None:
+        if args.webhook_port and args.remove_webhook_on_exit:  # a local run: don't leave it failing closed
+            api = await api_client()
+            try:
+                await client.AdmissionregistrationV1Api(api).delete_validating_webhook_configuration(WEBHOOK_NAME)
+            except ApiException as error:
+                log.info("webhook configuration not removed: %s", error.reason)
+            finally:
+                await api.close()
+
     @kopf.on.validate(GROUP, VERSION, PLURAL, id=HANDLER_ID, registry=registry,
                       operations=["CREATE", "UPDATE"])
     def validate(body: kopf.Body, old: Any, userinfo: dict[str, Any], **_: Any) -> None:
