@@ -73,6 +73,8 @@ EXPECTED_POWER: dict[VmState, frozenset[PowerState]] = {
     V.PAUSED: frozenset({PowerState.PAUSED}),
     V.STOPPED: frozenset({PowerState.SHUTOFF, PowerState.SHUTDOWN, PowerState.CRASHED}),
     V.SUSPENDED: frozenset({PowerState.SHUTOFF}),  # managed save: off, with a saved image
+    # an unconfirmed resize keeps the power state the instance had before it
+    V.RESIZED: frozenset({PowerState.RUNNING, PowerState.SHUTOFF, PowerState.SHUTDOWN, PowerState.CRASHED}),
 }
 
 STABLE_VM_STATES = frozenset(VmState) - {V.BUILDING}
