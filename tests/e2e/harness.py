@@ -155,6 +155,14 @@ class Instances:
         logs = "\n".join(f"--- {a.log.name}\n{a.tail()}" for a in (agents.started if agents else []))
         raise AssertionError(f"{name}: still there after {timeout}s: {await self.get(name)}\n{logs}")
 
+    async def wait_done(self, name: str, request_id: str, timeout: float = 90.0,
+                        agents: Agents | None = None) -> dict[str, Any]:
+        """Until the request's record is in the history (the spec may move the instance on)."""
+        def done(body: dict[str, Any]) -> bool:
+            return any(r["id"] == request_id for r in (body.get("status") or {}).get("history", []))
+        body = await self.wait(name, done, timeout, f"request {request_id} done", agents)
+        return next(r for r in body["status"]["history"] if r["id"] == request_id)
+
     async def wait_idle(self, name: str, vm_state: str, timeout: float = 90.0,
                         agents: Agents | None = None, last_id: str | None = None) -> dict[str, Any]:
         def idle(body: dict[str, Any]) -> bool:

@@ -168,9 +168,8 @@ async def test_crash_point(case: Case, point: str, instances, agents, libvirt_vi
         if case.final not in ("rescued", "resized"):
             await instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "after-recovery"})
             # the declarative powerState may move it on right after, so look in the history
-            await instances.wait("vm", lambda b: any(
-                r["id"] == "after-recovery" and r["result"] == "Succeeded"
-                for r in status_of(b).get("history", [])), RECOVERY_BOUND_S, "the new request", agents)
+            record = await instances.wait_done("vm", "after-recovery", RECOVERY_BOUND_S, agents)
+            assert record["result"] == "Succeeded", record
     finally:
         if counter:
             counter.close()
