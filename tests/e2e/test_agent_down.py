@@ -51,7 +51,7 @@ async def test_seed_scenario_reboot_while_the_agent_is_down(instances, agents, l
         counter.close()
 
 
-async def test_unplaced_instance_with_no_agent_says_so(instances, agents):
+async def test_instance_of_a_node_without_an_agent_says_so(instances, agents):
     agents.start_controller()
     await instances.create("vm", {"flavor": FLAVOR, "image": "", "nodeName": unique_node()})
     body = await instances.wait("vm", lambda b: condition(b, "HostAgentReady").get("status") == "False",

@@ -100,12 +100,14 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
             finally:
                 await api.close()
 
-    @kopf.on.validate(GROUP, VERSION, PLURAL, id=HANDLER_ID, registry=registry,
-                      operations=["CREATE", "UPDATE"])
     def validate(body: kopf.Body, old: Any, userinfo: dict[str, Any], **_: Any) -> None:
         why = review(_parse(body), _parse(old), list(userinfo.get("groups") or []))
         if why:
             raise kopf.AdmissionError(why, code=422)
+
+    if args.webhook_port:  # kopf refuses admission handlers without a server to serve them
+        kopf.on.validate(GROUP, VERSION, PLURAL, id=HANDLER_ID, registry=registry,
+                         operations=["CREATE", "UPDATE"])(validate)
 
     return registry
 
