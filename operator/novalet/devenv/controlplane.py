@@ -98,7 +98,10 @@ def free_port() -> int:
 
 
 def port_free(port: int) -> bool:
+    """Free to listen on, as the Go servers do (SO_REUSEADDR: connections of a process that
+    just exited, in TIME_WAIT, do not block a restart on the same port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
