@@ -219,10 +219,16 @@ class Hypervisor:
             return conn
 
     def _drop_connection(self) -> None:
+        """Forget the connection now; deregister and close it on a helper thread. Closing a
+        broken connection can block on libvirt's event loop, and the caller holds self._lock."""
         conn, self._conn = self._conn, None
         ids, self._callback_ids = self._callback_ids, []
-        if conn is None:
-            return
+        if conn is not None:
+            threading.Thread(target=self._close_quietly, args=(conn, ids), daemon=True,
+                             name="libvirt-close").start()
+
+    @staticmethod
+    def _close_quietly(conn: libvirt.virConnect, ids: list[int]) -> None:
         for cid in ids:
             try:
                 conn.domainEventDeregisterAny(cid)
