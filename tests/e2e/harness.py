@@ -58,7 +58,8 @@ class Agents:
 
     def start(self, node: str, crash_at: str | None = None, soft_reboot_timeout: float = 4.0,
               stop_timeout: float = 5.0,
-              extra_env: dict[str, str] | None = None) -> AgentProcess:
+              extra_env: dict[str, str] | None = None,
+              extra_args: list[str] | None = None) -> AgentProcess:
         state = self.workdir / f"state-{node}"
         log = self.workdir / f"agent-{node}-{len(self.started)}.log"
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **(extra_env or {})}
@@ -69,7 +70,7 @@ class Agents:
                "--libvirt-uri", self.libvirt_uri, "--image-pool", str(self.image_pool),
                "--state-dir", str(state), "--namespace", self.namespace,
                "--soft-reboot-timeout", str(soft_reboot_timeout), "--stop-timeout", str(stop_timeout),
-               "--domain-type", self.domain_type]
+               "--domain-type", self.domain_type, *(extra_args or [])]
         with log.open("ab") as out:
             process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                        start_new_session=True)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from novalet.api.models import CurrentTask
-from novalet.core import policy
+from novalet.core import plans, policy
 from novalet.core.plans import PLANS, STABLE_VM_STATES, final_vm_state, plan_of, task_owner
 from novalet.core.recovery import Recovery, recover
 from novalet.core.vocabulary import Action, PowerState, TaskState, VmState
@@ -52,7 +52,8 @@ def walk(sim: Sim, action: Action, succeed: bool, interrupt_at: int | None, inte
         assert (sim.vm, sim.task) in DEFINED, trace
         # a request arriving mid-plan: if the policy admits it, it supersedes the running task
         # (starting from the same vm state); if not, nothing changes and the plan continues
-        if index == interrupt_at and interrupt is not None and policy.is_allowed(
+        # (lock/unlock are recorded beside the running task and supersede nothing)
+        if index == interrupt_at and interrupt not in (None, A.LOCK, A.UNLOCK) and policy.is_allowed(
                 interrupt, sim.vm, sim.task):
             trace.append(("supersedes", interrupt))
             if interrupt == A.RESET_STATE:
@@ -73,6 +74,8 @@ def apply(sim: Sim, action: Action, data, trace: list) -> Sim:
         return sim
     if action == A.RESET_STATE:
         return Sim(data.draw(st.sampled_from([V.ACTIVE, V.ERROR])), None, None)
+    if action in plans.BOOKKEEPING:
+        return sim
     plan = plan_of(action)
     succeed = data.draw(st.booleans())
     interrupt_at = data.draw(st.none() | st.integers(0, len(plan.steps) - 1))

@@ -6,6 +6,8 @@ from novalet.core.policy import allowed_actions, is_allowed, refusal
 from novalet.core.vocabulary import Action, TaskState, VmState
 
 A, T, V = Action, TaskState, VmState
+# Allowed in every state: delete, the admin reset-state, and Nova's lock/unlock (bookkeeping).
+ALWAYS = {A.DELETE, A.RESET_STATE, A.LOCK, A.UNLOCK}
 
 ALL_TASKS = [*TaskState]
 HARD_REBOOT_VMS = {V.ACTIVE, V.STOPPED, V.PAUSED, V.SUSPENDED, V.ERROR}
@@ -44,21 +46,21 @@ def test_hard_reboot_refused_during_other_tasks(task):
 
 
 def test_error_allows_only_delete_rebuild_hard_reboot_and_reset_state():
-    assert set(allowed_actions(V.ERROR, None)) == {A.DELETE, A.REBUILD, A.REBOOT_HARD, A.RESET_STATE}
+    assert set(allowed_actions(V.ERROR, None)) == {A.DELETE, A.REBUILD, A.REBOOT_HARD, *ALWAYS}
 
 
 @pytest.mark.parametrize("vm", list(VmState))
 @pytest.mark.parametrize("task", [None, *TaskState])
-def test_delete_and_reset_state_always_allowed(vm, task):
-    assert is_allowed(A.DELETE, vm, task)
-    assert is_allowed(A.RESET_STATE, vm, task)
+def test_delete_reset_state_and_lock_always_allowed(vm, task):
+    for action in ALWAYS:
+        assert is_allowed(action, vm, task)
 
 
 @pytest.mark.parametrize("task", ALL_TASKS)
 def test_any_other_action_while_a_task_runs_is_rejected(task):
     for vm in VmState:
         allowed = set(allowed_actions(vm, task))
-        expected = {A.DELETE, A.RESET_STATE}
+        expected = set(ALWAYS)
         if task in HARD_SUPERSEDES and vm in HARD_REBOOT_VMS:
             expected.add(A.REBOOT_HARD)
         assert allowed == expected, (vm, task)
@@ -86,8 +88,8 @@ def test_idle_rows(action, vm_states):
 
 
 def test_deleted_and_building_allow_nothing_but_delete():
-    assert set(allowed_actions(V.DELETED, None)) == {A.DELETE, A.RESET_STATE}
-    assert set(allowed_actions(V.BUILDING, None)) == {A.CREATE, A.DELETE, A.RESET_STATE}
+    assert set(allowed_actions(V.DELETED, None)) == ALWAYS
+    assert set(allowed_actions(V.BUILDING, None)) == {A.CREATE, *ALWAYS}
 
 
 # --- refusal messages ------------------------------------------------------------------------

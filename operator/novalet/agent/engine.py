@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import FINALIZER
-from ..api.models import Condition, VirtualInstance, VirtualInstanceStatus
+from ..api.models import Condition, InstanceLock, VirtualInstance, VirtualInstanceStatus
 from ..core import policy, recovery, transitions
 from ..core.desire import Request, next_request, supersedes_running_task
-from ..core.plans import ESCALATE_TO_HARD, Plan, plan_of
+from ..core.plans import BOOKKEEPING, ESCALATE_TO_HARD, Plan, plan_of
 from ..core.vocabulary import Action, VmState
 from ..kube.events import EventRecorder
 from ..kube.instances import Conflict, Gone, InstanceStore, parse
@@ -100,13 +100,14 @@ class Engine:
         request = next_request(inst.spec, inst.status, inst.metadata.generation or 0, deleting, retry_failed)
         if request is None:
             return await self._sync(body, inst)
-        if request.action == A.RESET_STATE:
-            await self._reset_state(body, inst, request)
+        if request.action in BOOKKEEPING:
+            await self._bookkeeping(body, inst, request)
             return True
         refusal = policy.refusal(request.action, inst.status.vmState or VmState.BUILDING, None)
         if refusal:
-            await self._cas(body, lambda s: transitions.reject(s, request.action.value, request.id,
-                                                                 refusal, now()), guard=None)
+            await self._cas(body, lambda s: transitions.reject(
+                s, request.action.value, request.id, refusal, now(), handled=request.imperative,
+                requested_by=request.requested_by), guard=None)
             await self.events.emit(body, "Rejected", f"{request.action.value} {request.id}: {refusal}",
                                    warning=True)
             return True
@@ -150,8 +151,8 @@ class Engine:
         target_flavor = inst.spec.flavor if request.action in (A.CREATE, A.RESIZE) else None
         target_image = inst.spec.image if request.action in (A.CREATE, A.REBUILD) else None
         body = await self._cas(body, lambda s: transitions.begin(
-            s, plan, request.id, self.owner, now(), facts.power_state, target_flavor, target_image),
-            guard=None)
+            s, plan, request.id, self.owner, now(), facts.power_state, target_flavor, target_image,
+            handled=request.imperative, requested_by=request.requested_by), guard=None)
         await self.events.emit(body, "Started", f"{request.action.value} {request.id}: "
                                                 f"{plan.steps[0].task_state.value}")
         crash_if("after_claim", request.action.value)
@@ -305,14 +306,26 @@ class Engine:
         await self._cas(body, synced, guard=None)
         return True
 
-    async def _reset_state(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> None:
-        target = VmState(inst.spec.action.state)
+    async def _bookkeeping(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> None:
+        """Requests that only record something: reset-state, lock, unlock."""
         facts = await self.ops.facts(inst)
+        status, vm = inst.status, inst.status.vmState or VmState.BUILDING
+        changes: dict[str, Any] = {}
+        if request.action == A.RESET_STATE:
+            vm = VmState(inst.spec.action.state)
+            message, reason = f"state reset to {vm.value} by an administrator", "StateReset"
+        elif request.action == A.LOCK:
+            changes["lock"] = InstanceLock(lockedBy=request.requested_by or "unknown",
+                                           reason=inst.spec.action.reason or "", lockedAt=now())
+            message, reason = f"locked: {inst.spec.action.reason or 'no reason given'}", "Locked"
+        else:
+            changes["lock"] = None
+            message, reason = f"unlocked (was locked by {status.lock.lockedBy})" if status.lock \
+                else "was not locked", "Unlocked"
         await self._cas(body, lambda s: transitions.settle(
-            s, target, A.RESET_STATE.value, request.id, "Succeeded",
-            f"state reset to {target.value} by an administrator", now(), facts.power_state), guard=None)
-        await self.events.emit(body, "StateReset", f"vm_state reset to {target.value} ({request.id})",
-                               warning=True)
+            s, vm, request.action.value, request.id, "Succeeded", message, now(), facts.power_state,
+            handled=True, requested_by=request.requested_by, **changes), guard=None)
+        await self.events.emit(body, reason, f"{message} ({request.id})", warning=request.action == A.RESET_STATE)
 
 
 def _same(a: VirtualInstanceStatus, b: VirtualInstanceStatus) -> bool:

@@ -37,14 +37,31 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         out[key] = value if key in ("enum", "required", "pattern", "default") else _structural(value, defs)
     if "const" in out:
         out["enum"] = [out.pop("const")]
-    if "additionalProperties" in out and out["additionalProperties"] is False:
-        del out["additionalProperties"]
+    if "additionalProperties" in out and isinstance(out["additionalProperties"], bool):
+        del out["additionalProperties"]  # forbid/allow: the CRD prunes what its schema lacks
     return out
 
 
 def schema_of(model: type) -> dict[str, Any]:
     raw = model.model_json_schema(mode="validation")
     return _structural(raw, raw.get("$defs", {}))
+
+
+# Rules on the whole object (they compare spec with the status on record), enforced by the
+# apiserver itself: they hold with no webhook installed.
+OBJECT_RULES = [
+    {"rule": "!has(self.spec.action) || !has(oldSelf.status) || !has(oldSelf.status.handledAction)"
+             " || self.spec.action.id != oldSelf.status.handledAction.id"
+             " || (has(oldSelf.spec.action) && oldSelf.spec.action.id == self.spec.action.id)",
+     "messageExpression": "'action id ' + self.spec.action.id + ' was already handled; "
+                          "commit a new id to ask again'",
+     "reason": "FieldValueInvalid", "fieldPath": ".spec.action.id"},
+    {"rule": "!has(self.spec.nodeName) || !has(oldSelf.status) || !has(oldSelf.status.node)"
+             " || self.spec.nodeName == oldSelf.status.node",
+     "messageExpression": "'spec.nodeName cannot move an instance placed on node ' + oldSelf.status.node"
+                          " + ': moving an instance is a migration (the Migrate action, not available yet)'",
+     "reason": "FieldValueForbidden", "fieldPath": ".spec.nodeName"},
+]
 
 
 def crd_manifest() -> dict[str, Any]:
@@ -78,6 +95,7 @@ def crd_manifest() -> dict[str, Any]:
                         "status": schema_of(VirtualInstanceStatus),
                     },
                     "required": ["spec"],
+                    "x-kubernetes-validations": OBJECT_RULES,
                 }},
             }],
         },

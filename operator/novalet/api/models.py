@@ -20,6 +20,13 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class StatusModel(BaseModel):
+    """Status is written by agents of possibly different versions during a rolling upgrade:
+    fields this version does not know are kept (read and written back), never dropped."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
 class Flavor(Model):
     vcpus: int = Field(ge=1, le=64, description="Virtual CPUs.")
     memoryMiB: int = Field(ge=96, le=1048576, description="Guest memory in MiB.")
@@ -39,9 +46,10 @@ class ActionRequest(Model):
         ("self.name != 'Snapshot' || has(self.snapshotName)", "Snapshot needs snapshotName"),
         ("self.name != 'SetPassword' || has(self.secretRef)", "SetPassword needs secretRef"),
         ("self.name != 'ResetState' || has(self.state)", "ResetState needs state: active or error"),
+        ("self.name == 'Lock' || !has(self.reason)", "reason applies to Lock only"),
     ))
     name: Literal["Reboot", "Rebuild", "Snapshot", "SetPassword", "ConfirmResize", "RevertResize",
-                  "ResetState"]
+                  "ResetState", "Lock", "Unlock"]
     id: ActionId = Field(description="Unique per request; commit a new id to ask again.")
     type: Literal["Soft", "Hard"] | None = Field(default=None, description="Reboot type.")
     snapshotName: str | None = Field(default=None, pattern=NAME_PATTERN,
@@ -50,6 +58,11 @@ class ActionRequest(Model):
     user: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]{0,31}$",
                              description="Guest user for SetPassword (default root).")
     state: Literal["active", "error"] | None = Field(default=None, description="ResetState target.")
+    reason: str | None = Field(default=None, max_length=255, description="Why the instance is locked (Lock).")
+    requestedBy: str | None = Field(
+        default=None, max_length=512,
+        description="The requester's username, set by the apiserver's admission policy "
+                    "(novalet-requester); a value other than the requester's own is refused.")
 
 
 class VirtualInstanceSpec(Model):
@@ -62,7 +75,7 @@ class VirtualInstanceSpec(Model):
     action: ActionRequest | None = None
 
 
-class CurrentTask(Model):
+class CurrentTask(StatusModel):
     """Everything needed to finish or undo a task after a crash."""
 
     name: str
@@ -76,21 +89,23 @@ class CurrentTask(Model):
     targetImage: str | None = None
     domainId: int | None = Field(default=None, description="libvirt domain id when the step began.")
     escalated: bool = False
+    requestedBy: str | None = None
     owner: str
     startedAt: datetime
     attempt: int = 1
 
 
-class ActionRecord(Model):
+class ActionRecord(StatusModel):
     name: str
     id: str
     result: Literal["Succeeded", "Failed", "Rejected"]
     message: str = ""
+    requestedBy: str | None = Field(default=None, description="Who asked, as the apiserver authenticated them.")
     startedAt: datetime | None = None
     finishedAt: datetime | None = None
 
 
-class Condition(Model):
+class Condition(StatusModel):
     type: str
     status: Literal["True", "False", "Unknown"]
     reason: str = ""
@@ -99,13 +114,39 @@ class Condition(Model):
     observedGeneration: int | None = None
 
 
-class ResizeOrigin(Model):
+class HandledAction(StatusModel):
+    """The last spec.action request an agent took (or refused). Never evicted: an id equal to
+    it is never run again, however long it stays in the spec."""
+
+    id: str
+    name: str
+    handledAt: datetime
+
+
+class InstanceLock(StatusModel):
+    """Nova's lock: only the locker and administrators may act on a locked instance."""
+
+    lockedBy: str
+    reason: str = ""
+    lockedAt: datetime
+
+
+class Backoff(StatusModel):
+    """A declarative step that keeps failing is retried with exponential backoff."""
+
+    request: str = Field(description="The failing step's request id (spec-g<generation>-<action>).")
+    failures: int = Field(ge=1)
+    lastError: str = ""
+    nextRetryAt: datetime
+
+
+class ResizeOrigin(StatusModel):
     flavor: Flavor
     vmState: VmState
     powerState: PowerState | None = None
 
 
-class VirtualInstanceStatus(Model):
+class VirtualInstanceStatus(StatusModel):
     vmState: VmState | None = None
     taskState: TaskState | None = None
     powerState: PowerState | None = None
@@ -119,6 +160,9 @@ class VirtualInstanceStatus(Model):
                                           "not applied again until spec.flavor changes.")
     resizedFrom: ResizeOrigin | None = Field(default=None, description="Origin of an unconfirmed resize.")
     currentTask: CurrentTask | None = None
+    handledAction: HandledAction | None = None
+    lock: InstanceLock | None = None
+    backoff: Backoff | None = None
     lastAction: ActionRecord | None = None
     history: list[ActionRecord] = Field(default_factory=list, max_length=50)
     conditions: list[Condition] = Field(default_factory=list, max_length=16)

@@ -17,11 +17,13 @@ class Request:
     action: Action
     id: str
     imperative: bool  # a one-shot spec.action (refusals recorded by id) vs a declarative step
+    requested_by: str | None = None  # the apiserver-vouched requester of a spec.action
 
 
 IMPERATIVE = {
     "Rebuild": A.REBUILD, "Snapshot": A.SNAPSHOT, "SetPassword": A.SET_PASSWORD,
     "ConfirmResize": A.CONFIRM_RESIZE, "RevertResize": A.REVERT_RESIZE, "ResetState": A.RESET_STATE,
+    "Lock": A.LOCK, "Unlock": A.UNLOCK,
 }
 
 # (desired powerState, vmState) -> the next step toward it.
@@ -44,7 +46,11 @@ def imperative_action(spec: VirtualInstanceSpec) -> Action | None:
 
 
 def seen_ids(status: VirtualInstanceStatus) -> set[str]:
+    """Ids of requests already taken. `handledAction` is never evicted, so the request in the
+    spec stays done however many actions follow; the history covers objects written before it."""
     ids = {record.id for record in status.history}
+    if status.handledAction:
+        ids.add(status.handledAction.id)
     if status.lastAction:
         ids.add(status.lastAction.id)
     if status.currentTask:
@@ -87,7 +93,7 @@ def next_request(spec: VirtualInstanceSpec, status: VirtualInstanceStatus, gener
         return Request(A.DELETE, f"delete-g{generation}", imperative=False)
     action = imperative_action(spec)
     if action is not None and spec.action.id not in seen_ids(status):
-        return Request(action, spec.action.id, imperative=True)
+        return Request(action, spec.action.id, imperative=True, requested_by=spec.action.requestedBy)
     action = declarative_action(spec, status)
     if action is None:
         return None

@@ -79,6 +79,9 @@ EXPECTED_POWER: dict[VmState, frozenset[PowerState]] = {
 
 STABLE_VM_STATES = frozenset(VmState) - {V.BUILDING}
 
+# Actions that only record something in status: no plan, no task state, no hypervisor call.
+BOOKKEEPING = frozenset({A.RESET_STATE, A.LOCK, A.UNLOCK})
+
 
 def plan_of(action: Action) -> Plan:
     return PLANS[action]

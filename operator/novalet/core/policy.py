@@ -52,6 +52,9 @@ POLICY: dict[Action, Allowed] = {
     A.SET_PASSWORD: Allowed(_vm(V.ACTIVE)),
     A.DELETE: Allowed(ANY_VM, ANY_TASK),
     A.RESET_STATE: Allowed(ANY_VM, ANY_TASK),
+    # Nova's lock/unlock: bookkeeping only, allowed in any state (who may is checked at admission)
+    A.LOCK: Allowed(ANY_VM, ANY_TASK),
+    A.UNLOCK: Allowed(ANY_VM, ANY_TASK),
 }
 
 
@@ -75,5 +78,5 @@ def refusal(action: Action, vm_state: VmState, task_state: TaskState | None) -> 
         return None
     where = f"task_state is {task_state}" if task_state else f"vm_state is {vm_state}"
     options = ", ".join(_describe(a) for a in allowed_actions(vm_state, task_state)
-                        if a not in (A.RESET_STATE, A.CREATE))
+                        if a not in (A.RESET_STATE, A.CREATE, A.LOCK, A.UNLOCK))
     return f"cannot {_describe(action)} while {where}; allowed: {options}"

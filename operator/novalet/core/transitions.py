@@ -5,7 +5,7 @@ this module talks to Kubernetes or libvirt.
 """
 from datetime import datetime
 
-from ..api.models import ActionRecord, CurrentTask, Flavor, ResizeOrigin, VirtualInstanceStatus
+from ..api.models import ActionRecord, CurrentTask, Flavor, HandledAction, ResizeOrigin, VirtualInstanceStatus
 from .plans import EXPECTED_POWER, Plan, Step, final_vm_state
 from .presentation import with_presentation
 from .vocabulary import Action, PowerState, VmState
@@ -23,17 +23,26 @@ def _record(status: VirtualInstanceStatus, record: ActionRecord) -> dict:
     return {"lastAction": record, "history": history}
 
 
+def _handled(status: VirtualInstanceStatus, handled: bool, name: str, request_id: str, now: datetime) -> dict:
+    """A spec.action request, once taken or refused, is recorded for good (never evicted)."""
+    return {"handledAction": HandledAction(id=request_id, name=name, handledAt=now)} if handled else {}
+
+
 def begin(status: VirtualInstanceStatus, plan: Plan, request_id: str, owner: str, now: datetime,
           power: PowerState | None, target_flavor: Flavor | None = None,
-          target_image: str | None = None) -> VirtualInstanceStatus:
-    """Acknowledge a request: the first task state of its plan, with what undoing needs."""
+          target_image: str | None = None, *, handled: bool = False,
+          requested_by: str | None = None) -> VirtualInstanceStatus:
+    """Acknowledge a request: the first task state of its plan, with what undoing needs.
+    `handled`: a spec.action request, recorded in handledAction from this first write on."""
     task = CurrentTask(
         name=plan.action.value, id=request_id, taskState=plan.steps[0].task_state,
         originVmState=status.vmState or V.BUILDING, originPowerState=power,
         originFlavor=status.flavor, originImage=status.image,
-        targetFlavor=target_flavor, targetImage=target_image, owner=owner, startedAt=now)
+        targetFlavor=target_flavor, targetImage=target_image, requestedBy=requested_by, owner=owner,
+        startedAt=now)
     vm = status.vmState or V.BUILDING
-    return with_presentation(_copy(status, vmState=vm, taskState=task.taskState, currentTask=task), now)
+    return with_presentation(_copy(status, vmState=vm, taskState=task.taskState, currentTask=task,
+                                   **_handled(status, handled, plan.action.value, request_id, now)), now)
 
 
 def advance(status: VirtualInstanceStatus, step: Step, now: datetime, domain_id: int | None = None,
@@ -69,7 +78,8 @@ def finish(status: VirtualInstanceStatus, plan: Plan, succeeded: bool, message: 
     pre_resize = status.resizedFrom.vmState if status.resizedFrom else None
     vm = vm_state or final_vm_state(plan, task.originVmState, pre_resize, succeeded)
     record = ActionRecord(name=task.name, id=task.id, message=message, startedAt=task.startedAt,
-                          finishedAt=now, result="Succeeded" if succeeded else "Failed")
+                          finishedAt=now, result="Succeeded" if succeeded else "Failed",
+                          requestedBy=task.requestedBy)
     changes = _success_changes(status, task) if succeeded else {}
     return with_presentation(_copy(status, vmState=vm, taskState=None, currentTask=None,
                                    powerState=power, **changes, **_record(status, record)), now)
@@ -77,20 +87,24 @@ def finish(status: VirtualInstanceStatus, plan: Plan, succeeded: bool, message: 
 
 def settle(status: VirtualInstanceStatus, vm_state: VmState, name: str, request_id: str,
            result: str, message: str, now: datetime, power: PowerState | None,
-           started: datetime | None = None) -> VirtualInstanceStatus:
-    """Record an outcome without a plan run: a rejection, a reset-state, a recovered task."""
+           started: datetime | None = None, *, handled: bool = False, requested_by: str | None = None,
+           **changes) -> VirtualInstanceStatus:
+    """Record an outcome without a plan run: a reset-state, a lock, a recovered task.
+    `changes`: other status fields the outcome sets (e.g. the lock)."""
     record = ActionRecord(name=name, id=request_id, result=result, message=message,
-                          startedAt=started or now, finishedAt=now)
+                          startedAt=started or now, finishedAt=now, requestedBy=requested_by)
     return with_presentation(_copy(status, vmState=vm_state, taskState=None, currentTask=None,
-                                   powerState=power, **_record(status, record)), now)
+                                   powerState=power, **changes, **_record(status, record),
+                                   **_handled(status, handled, name, request_id, now)), now)
 
 
 def reject(status: VirtualInstanceStatus, name: str, request_id: str, message: str,
-           now: datetime) -> VirtualInstanceStatus:
+           now: datetime, *, handled: bool = False, requested_by: str | None = None) -> VirtualInstanceStatus:
     """A refused request is recorded and changes nothing else: it never blocks later ones."""
     record = ActionRecord(name=name, id=request_id, result="Rejected", message=message,
-                          startedAt=now, finishedAt=now)
-    return with_presentation(_copy(status, **_record(status, record)), now)
+                          startedAt=now, finishedAt=now, requestedBy=requested_by)
+    return with_presentation(_copy(status, **_record(status, record),
+                                   **_handled(status, handled, name, request_id, now)), now)
 
 
 def observe_power(status: VirtualInstanceStatus, power: PowerState | None, exists: bool,

@@ -87,3 +87,5 @@ class Action(StrEnum):
     SET_PASSWORD = "SetPassword"
     DELETE = "Delete"
     RESET_STATE = "ResetState"
+    LOCK = "Lock"
+    UNLOCK = "Unlock"
