@@ -3,6 +3,8 @@ import datetime
 import ipaddress
 from pathlib import Path
 
+from .private_files import write_private
+
 
 def self_signed(hosts: list[str], directory: Path) -> tuple[Path, Path]:
     """Write cert.pem/key.pem for `hosts` (DNS names or IPs) into directory; return paths."""
@@ -30,7 +32,6 @@ def self_signed(hosts: list[str], directory: Path) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))  # 0600 from the first byte
     return cert_path, key_path
