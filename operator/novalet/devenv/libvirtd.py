@@ -24,6 +24,12 @@ reconnects to a running guest it insists on finding its cgroup ("At least one cg
 is required") and *kills the guest* (``shutting down, reason=daemon``). With no cgroup file
 system mounted, ``virCgroupAvailable()`` is false and libvirt skips cgroups on both paths.
 
+The daemon's sockets are for root only (``unix_sock_*_perms`` 0770/0700, group root): even the
+read-only socket, with ``auth_unix_ro = "none"``, shows every guest's definition and state.
+No path is ever put into a shell script: the namespace's first process is ``nsexec.py``, which
+gets the paths as argv entries and execs libvirtd; paths in libvirtd.conf are quoted for its
+parser, and a path it cannot quote is refused.
+
 Other choices: ``security_driver = "none"``, QEMU runs as root, no QEMU mount namespace
 (``namespaces = [ ]``), ``stdio_handler = "file"`` (no virtlogd, whose socket would sit in the
 private /run/libvirt), and the Debian build refuses to initialise the QEMU driver unless the user
@@ -47,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 from .processes import cache_root, log_tail, pid_alive, proc_cmdline
@@ -72,6 +79,22 @@ BIND_MOUNTS = {
 
 class LibvirtdError(RuntimeError):
     pass
+
+
+# Not world-accessible: libvirt's Debian default leaves the read-only socket 0777.
+SOCKET_GROUP = "root"
+SOCKET_PERMS = {"unix_sock_ro_perms": "0770", "unix_sock_rw_perms": "0770", "unix_sock_admin_perms": "0700"}
+
+
+def conf_string(value: str | os.PathLike) -> str:
+    """A string for libvirtd.conf / qemu.conf. Their parser knows no escapes: a string runs to
+    the next quote of the kind it began with. A value holding both quote kinds (or a line
+    break) cannot be written, and is refused rather than mangled."""
+    text = str(value)
+    if "\n" in text or "\r" in text or ('"' in text and "'" in text):
+        raise LibvirtdError(f"libvirt's configuration cannot hold the path {text!r} (it has both quote "
+                            "characters or a line break): use another state directory")
+    return f"'{text}'" if '"' in text else f'"{text}"'
 
 
 def kvm_probe_file() -> Path:
@@ -146,7 +169,7 @@ class Libvirtd:
 
     @property
     def uri(self) -> str:
-        return f"qemu+unix:///system?socket={self.socket_path}"
+        return f"qemu+unix:///system?socket={urllib.parse.quote(str(self.socket_path), safe='/')}"
 
     @property
     def pid_file(self) -> Path:
@@ -154,7 +177,10 @@ class Libvirtd:
 
     @property
     def log_file(self) -> Path:
-        return self.state_dir / "libvirtd.log"
+        """The daemon's log, in the directory bind-mounted over /var/log/libvirt: libvirtd.conf
+        names it by that path (log_outputs is a space-separated list: a state directory with
+        a space in its name could not be named there)."""
+        return self.private_dir("/var/log/libvirt") / "libvirtd.log"
 
     @property
     def stdout_file(self) -> Path:
@@ -243,14 +269,12 @@ class Libvirtd:
         for name in BIND_MOUNTS.values():
             (self.state_dir / name).mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(
-            f'unix_sock_dir = "{self.state_dir}"\n'
-            'unix_sock_group = "root"\n'
-            'unix_sock_ro_perms = "0777"\n'
-            'unix_sock_rw_perms = "0770"\n'
-            'unix_sock_admin_perms = "0700"\n'
-            'auth_unix_ro = "none"\n'
+            f"unix_sock_dir = {conf_string(self.state_dir)}\n"
+            f"unix_sock_group = {conf_string(SOCKET_GROUP)}\n"
+            + "".join(f"{key} = {conf_string(mode)}\n" for key, mode in SOCKET_PERMS.items())
+            + 'auth_unix_ro = "none"\n'
             'auth_unix_rw = "none"\n'
-            f'log_outputs = "{self.log_level}:file:{self.log_file}"\n'
+            f"log_outputs = {conf_string(f'{self.log_level}:file:/var/log/libvirt/{self.log_file.name}')}\n"
         )
         # read by the privileged QEMU driver as /etc/libvirt/qemu.conf inside the namespace
         (self.private_dir("/etc/libvirt") / "qemu.conf").write_text(
@@ -316,20 +340,12 @@ class Libvirtd:
                                 "private mount namespace): run the tests / `novalet dev up` as root or via sudo")
 
     def _command(self) -> list[str]:
+        """An argv list from end to end: no shell parses any path (see nsexec.py)."""
         libvirtd = shutil.which("libvirtd") or "/usr/sbin/libvirtd"
-        mounts = []
-        for target, name in BIND_MOUNTS.items():
-            mounts.append(f"mount --bind {self.state_dir / name} {target}")
-        script = (
-            "set -e\n"
-            + "\n".join(mounts)
-            + "\n"
-            # see module docstring: hide cgroups so reconnecting to guests does not kill them
-            + "if [ -d /sys/fs/cgroup ] && grep -q ' /sys/fs/cgroup' /proc/self/mounts; then umount -l /sys/fs/cgroup; fi\n"
-            + f'exec {libvirtd} --config "$1" --pid-file "$2"\n'
-        )
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "novalet-libvirtd",
-                str(self.config_file), str(self.pid_file)]
+        mounts = [arg for target, name in BIND_MOUNTS.items() for arg in (str(self.state_dir / name), target)]
+        nsexec = str(Path(__file__).with_name("nsexec.py"))
+        return ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-I", "-S", nsexec,
+                libvirtd, str(self.config_file), str(self.pid_file), *mounts]
 
     def start(self, timeout: float = 20.0) -> Libvirtd:
         if self.is_running():
