@@ -8,6 +8,7 @@ import logging
 from datetime import UTC, datetime
 
 from kubernetes_asyncio import client
+from pydantic import ValidationError
 
 from ..api.models import Condition, VirtualInstance, VirtualInstanceStatus
 from ..core.desire import imperative_action, seen_ids
@@ -66,7 +67,12 @@ class HeartbeatWatch:
         leases = await self.leases()
         marked = 0
         for body in await self.store.list_all():
-            inst = parse(body)
+            try:
+                inst = parse(body)
+            except ValidationError as error:  # a newer version's object: not for this controller
+                meta = body.get("metadata") or {}
+                log.debug("%s/%s: cannot read, skipped: %s", meta.get("namespace"), meta.get("name"), error)
+                continue
             condition = agent_condition(inst, leases, now)
             status = condition and with_condition(inst.status, condition)
             if status is None:

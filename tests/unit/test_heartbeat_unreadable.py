@@ -1,0 +1,36 @@
+"""The controller's heartbeat check goes on past an object this version cannot read (a newer
+agent's status value): the other instances of a dead agent's node are still marked."""
+from novalet.controller.heartbeat import HeartbeatWatch
+
+FLAVOR = {"vcpus": 1, "memoryMiB": 128}
+
+
+def body(name: str, vm_state: str) -> dict:
+    return {"apiVersion": "novalet.io/v1alpha1", "kind": "VirtualInstance",
+            "metadata": {"name": name, "namespace": "ns", "uid": f"uid-{name}", "resourceVersion": "1"},
+            "spec": {"flavor": FLAVOR, "nodeName": "gone"}, "status": {"vmState": vm_state, "node": "gone"}}
+
+
+class Store:
+    def __init__(self, bodies):
+        self.bodies, self.written = bodies, []
+
+    async def list_all(self):
+        return self.bodies
+
+    async def write_status(self, body, status):
+        self.written.append((body["metadata"]["name"], status))
+
+
+async def test_an_unreadable_object_does_not_stop_the_heartbeat_check():
+    watch = HeartbeatWatch.__new__(HeartbeatWatch)
+    watch.store = Store([body("newer", "shelved"), body("ok", "active")])
+
+    async def leases():
+        return {}  # the node's agent never renewed: every instance of it is marked
+
+    watch.leases = leases
+    assert await watch.check_once() == 1
+    [(name, status)] = watch.store.written
+    assert name == "ok" and status.conditions[-1].type == "HostAgentReady"
+    assert status.conditions[-1].status == "False"
