@@ -3,11 +3,28 @@ import argparse
 import sys
 from pathlib import Path
 
+# The generated manifests and where they are checked in (the chart keeps copies: Helm reads no
+# file outside the chart).
+GENERATED = {
+    "crd": ("crds/novalet.io_virtualinstances.yaml", "charts/novalet/crds/novalet.io_virtualinstances.yaml"),
+    "policies": ("crds/novalet.io_admission-policies.yaml",
+                 "charts/novalet/files/novalet.io_admission-policies.yaml"),
+}
+
 
 def _crd(args: argparse.Namespace) -> int:
     from .api.crd import crd_yaml
+    from .api.policies import policies_yaml
 
-    text = crd_yaml()
+    if args.write is not None:
+        root = Path(args.write)
+        for kind, text in (("crd", crd_yaml()), ("policies", policies_yaml())):
+            for path in GENERATED[kind]:
+                (root / path).parent.mkdir(parents=True, exist_ok=True)
+                (root / path).write_text(text)
+                print(f"wrote {root / path}")
+        return 0
+    text = policies_yaml() if args.policies else crd_yaml()
     if args.output == "-":
         sys.stdout.write(text)
     else:
@@ -60,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="register the webhook by this Service (in a cluster) instead of by URL")
     ctl.add_argument("--remove-webhook-on-exit", action="store_true",
                      help="delete the webhook configuration on a clean exit (local runs)")
+    ctl.add_argument("--register-webhook", action=argparse.BooleanOptionalAction, default=True,
+                     help="write the ValidatingWebhookConfiguration at start (default; local runs). "
+                          "--no-register-webhook: it is installed by the Helm chart, only serve it")
     ctl.add_argument("--tls-cert", type=Path, help="serving certificate (default: self-signed)")
     ctl.add_argument("--tls-key", type=Path)
     ctl.add_argument("--state-dir", type=Path, default=Path("/var/lib/novalet"))
@@ -69,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the models")
     crd.add_argument("-o", "--output", default="-")
+    crd.add_argument("--policies", action="store_true",
+                     help="print the admission policies (novalet-requester, novalet-requests) instead")
+    crd.add_argument("--write", nargs="?", const=".", default=None, metavar="REPO",
+                     help="write the CRD and the admission policies to crds/ and the chart's copies "
+                          "(charts/novalet/crds, charts/novalet/files) under REPO (default: .)")
     crd.set_defaults(func=_crd)
 
     from . import docs_render

@@ -10,7 +10,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from novalet.controller.main import WEBHOOK_NAME
 
-from .harness import Instances, status_of, unique_node
+from .harness import unique_node
 
 pytestmark = pytest.mark.stack
 FLAVOR = {"vcpus": 1, "memoryMiB": 128}
@@ -80,39 +80,6 @@ async def test_reused_action_id_refused(webhook, instances, agents):
     await instances.patch_spec("vm", {"action": None})
     body = await refused(instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "once"}))
     assert "action id once was already used; commit a new id" in body
-
-
-async def test_reset_state_is_for_admins_only(webhook, instances, agents, control_plane, namespace,
-                                              kube_api, tmp_path):
-    node = unique_node()
-    agents.start(node)
-    await instances.create("vm", {"flavor": FLAVOR, "image": "", "nodeName": node})
-    await instances.wait_idle("vm", "active", agents=agents)
-    # a namespace user allowed to edit VirtualInstances, through a real token
-    control_plane.kubectl("-n", namespace, "create", "serviceaccount", "dev")
-    control_plane.kubectl("create", "clusterrole", f"vinst-editor-{namespace}", "--verb=get,list,patch,update",
-                          "--resource=virtualinstances.novalet.io")
-    control_plane.kubectl("-n", namespace, "create", "rolebinding", "dev-edit",
-                          f"--clusterrole=vinst-editor-{namespace}", f"--serviceaccount={namespace}:dev")
-    for _ in range(40):  # RBAC takes effect once the apiserver's informers see the binding
-        can = control_plane.kubectl("auth", "can-i", "patch", "virtualinstances.novalet.io", "-n", namespace,
-                                    f"--as=system:serviceaccount:{namespace}:dev", check=False)
-        if can.stdout.strip() == "yes":
-            break
-        await asyncio.sleep(0.25)
-    token = control_plane.kubectl("-n", namespace, "create", "token", "dev").stdout.strip()
-    cfg = client.Configuration(host=control_plane.server, api_key={"BearerToken": token},
-                               api_key_prefix={"BearerToken": "Bearer"})
-    cfg.ssl_ca_cert = str(control_plane.ca_file)
-    async with client.ApiClient(cfg) as dev_api:
-        as_dev = Instances(dev_api, namespace)
-        body = await refused(as_dev.request("vm", {"name": "ResetState", "id": "reset-1", "state": "error"}))
-        assert "ResetState is for cluster administrators" in body
-        await as_dev.request("vm", {"name": "Reboot", "type": "Hard", "id": "dev-reboot"})  # the rest is fine
-    await instances.wait_idle("vm", "active", agents=agents, last_id="dev-reboot")
-    await instances.request("vm", {"name": "ResetState", "id": "reset-2", "state": "error"})  # as admin
-    body = await instances.wait_idle("vm", "error", agents=agents, last_id="reset-2")
-    assert "reset to error by an administrator" in status_of(body)["lastAction"]["message"]
 
 
 async def test_static_rules_refused_by_the_schema_without_a_webhook(instances):

@@ -7,12 +7,14 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from .. import FINALIZER
 from ..api.models import Condition, InstanceLock, VirtualInstance, VirtualInstanceStatus
-from ..core import policy, recovery, transitions
+from ..api.policies import REQUESTED_BY
+from ..core import authorization, policy, recovery, transitions
 from ..core.desire import Request, next_request, supersedes_running_task
 from ..core.plans import BOOKKEEPING, ESCALATE_TO_HARD, Plan, plan_of
 from ..core.vocabulary import Action, VmState
@@ -100,6 +102,10 @@ class Engine:
         request = next_request(inst.spec, inst.status, inst.metadata.generation or 0, deleting, retry_failed)
         if request is None:
             return await self._sync(body, inst)
+        request, refusal = await self._vouch(inst, request)
+        if refusal:
+            await self._reject(body, request, refusal)
+            return True
         if request.action in BOOKKEEPING:
             await self._bookkeeping(body, inst, request)
             return True
@@ -305,6 +311,31 @@ class Engine:
             return False
         await self._cas(body, synced, guard=None)
         return True
+
+    # ---- who asked -----------------------------------------------------------------
+    async def _vouch(self, inst: VirtualInstance, request: Request) -> tuple[Request, str | None]:
+        """The request with its requester as far as the apiserver vouches for it (recorded in
+        lastAction and history), and why it is refused, if it is (core/authorization.py): an
+        action that needs the requester's identity without one, or one RBAC does not allow."""
+        action = inst.spec.action if request.imperative else None
+        claimed = (action.requestedBy if action else
+                   None if request.action == A.DELETE else inst.metadata.annotations.get(REQUESTED_BY))
+        asking = authorization.Asking(
+            request.action, request.imperative, claimed, False, inst.metadata.namespace, inst.metadata.name,
+            secret=action.secretRef.name if action and action.secretRef else None, lock=inst.status.lock)
+        # asked afresh when the decision depends on it; a cached answer is enough for the record
+        needed = authorization.needs_identity(asking)
+        asking = replace(asking, trusted=bool(claimed) and await self.ops.access.policies_in_force(fresh=needed))
+        request = replace(request, requested_by=claimed if asking.trusted else None)
+        answers = {check: await self.ops.access.allowed(claimed, action.requesterGroups if action else None, check)
+                   for check in authorization.checks(asking)}
+        return request, authorization.refusal(asking, answers)
+
+    async def _reject(self, body: dict[str, Any], request: Request, why: str) -> None:
+        await self._cas(body, lambda s: transitions.reject(
+            s, request.action.value, request.id, why, now(), handled=request.imperative,
+            requested_by=request.requested_by), guard=None)
+        await self.events.emit(body, "Rejected", f"{request.action.value} {request.id}: {why}", warning=True)
 
     async def _bookkeeping(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> None:
         """Requests that only record something: reset-state, lock, unlock."""

@@ -5,16 +5,17 @@ after a crash the recovery table can tell an operation that was issued from one 
 (a reboot is never issued twice for one request).
 """
 import asyncio
-import base64
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from ..api.models import VirtualInstance
+from ..core.authorization import secret_check
 from ..core.vocabulary import PowerState
+from ..kube.access import Access, SecretError
 from ..virt.hypervisor import DomainFacts, Hypervisor, HypervisorError, InstanceSpec
 
 log = logging.getLogger(__name__)
@@ -167,17 +168,32 @@ class Operations:
             return f"image {name} is complete in the pool"
         return "partial snapshot removed; request again"
 
+    @cached_property
+    def access(self) -> Access:
+        """The apiserver's word on requesters (SubjectAccessReviews) and the Secret read."""
+        return Access(self.core.api_client)
+
     async def op_set_password(self, inst: VirtualInstance) -> None:
-        ref = inst.spec.action.secretRef
+        """The password goes from the Secret to libvirt and nowhere else: no log line, Event,
+        status field or error message carries it, and no process is started with it."""
+        action, namespace = inst.spec.action, inst.metadata.namespace
+        ref = action.secretRef
+        # the engine checked before it took the request; RBAC may have changed since
+        allowed = (await self.access.allowed(action.requestedBy, action.requesterGroups,
+                                             secret_check(namespace, ref.name)) if action.requestedBy else False)
+        if not allowed:
+            who = action.requestedBy or "an unknown requester"
+            raise OperationError(f"not confirmed that {who} may get Secret {ref.name} "
+                                 f"(SubjectAccessReview {'failed' if allowed is None else 'denied'}); "
+                                 "SetPassword only uses a Secret its requester may read")
         try:
-            secret = await self.core.read_namespaced_secret(ref.name, inst.metadata.namespace)
-        except ApiException as error:
-            raise OperationError(f"cannot read Secret {ref.name}: {error.reason}") from error
-        encoded = (secret.data or {}).get(ref.key)
-        if encoded is None:
-            raise OperationError(f"Secret {ref.name} has no key {ref.key}")
-        password = base64.b64decode(encoded).decode()
-        await self._call(self.hv.set_password, inst.metadata.uid, inst.spec.action.user or "root", password)
+            password = await self.access.read_secret_key(namespace, ref.name, ref.key)
+        except SecretError as error:
+            raise OperationError(str(error)) from None
+        try:
+            await self._call(self.hv.set_password, inst.metadata.uid, action.user or "root", password)
+        finally:
+            del password
 
     async def op_delete(self, inst: VirtualInstance) -> None:
         await self._call(self.hv.undefine_and_delete, inst.metadata.uid)

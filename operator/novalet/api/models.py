@@ -63,6 +63,10 @@ class ActionRequest(Model):
         default=None, max_length=512,
         description="The requester's username, set by the apiserver's admission policy "
                     "(novalet-requester); a value other than the requester's own is refused.")
+    requesterGroups: list[Annotated[str, Field(max_length=512)]] | None = Field(
+        default=None, max_length=256,
+        description="The requester's groups as the apiserver authenticated them, set with requestedBy "
+                    "(the agent's SubjectAccessReviews ask for this identity); others are refused.")
 
 
 class VirtualInstanceSpec(Model):
@@ -177,6 +181,7 @@ class ObjectMeta(BaseModel):
     generation: int | None = None
     deletionTimestamp: str | None = None
     finalizers: list[str] = Field(default_factory=list)
+    annotations: dict[str, str] = Field(default_factory=dict)
 
 
 class VirtualInstance(BaseModel):

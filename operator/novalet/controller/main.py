@@ -83,15 +83,16 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
             settings.admission.server = kopf.WebhookServer(
                 addr=args.webhook_addr, port=args.webhook_port, host=host, certfile=str(cert), pkeyfile=str(key))
             settings.admission.managed = None  # we write the configuration: it needs matchConditions
-            url = f"https://{host}:{args.webhook_port}/{HANDLER_ID}"
-            await ensure_webhook_configuration(api, client_config(
-                url, args.webhook_service, args.webhook_port, Path(cert).read_bytes()))
+            if args.register_webhook:  # else the chart installed it (with its caBundle) before we ran
+                url = f"https://{host}:{args.webhook_port}/{HANDLER_ID}"
+                await ensure_webhook_configuration(api, client_config(
+                    url, args.webhook_service, args.webhook_port, Path(cert).read_bytes()))
         watch = HeartbeatWatch(api, args.lease_namespace)
         asyncio.get_running_loop().create_task(watch.run())
 
     @kopf.on.cleanup(registry=registry)
     async def remove_webhook(**_: Any) -> None:
-        if args.webhook_port and args.remove_webhook_on_exit:  # a local run: don't leave it failing closed
+        if args.webhook_port and args.register_webhook and args.remove_webhook_on_exit:  # a local run
             api = await api_client()
             try:
                 await client.AdmissionregistrationV1Api(api).delete_validating_webhook_configuration(WEBHOOK_NAME)
@@ -100,8 +101,8 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
             finally:
                 await api.close()
 
-    def validate(body: kopf.Body, old: Any, userinfo: dict[str, Any], **_: Any) -> None:
-        why = review(_parse(body), _parse(old), list(userinfo.get("groups") or []))
+    def validate(body: kopf.Body, old: Any, **_: Any) -> None:
+        why = review(_parse(body), _parse(old))
         if why:
             raise kopf.AdmissionError(why, code=422)
 

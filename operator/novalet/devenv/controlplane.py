@@ -564,6 +564,26 @@ class ControlPlane:
         for f in files:
             args += ["-f", str(f)]
         self.kubectl(*args)
+        crds = [f for f in files if "kind: CustomResourceDefinition" in f.read_text()]
         self.kubectl("wait", "--for=condition=Established", f"--timeout={int(wait)}s",
-                     *[a for f in files for a in ("-f", str(f))])
+                     *[a for f in crds for a in ("-f", str(f))])
+        self._wait_usable(wait)
         return files
+
+    def _wait_usable(self, wait: float) -> None:
+        """Established is not enough once a MutatingAdmissionPolicy matches the new kind: the
+        apiserver answers 503 "Resource kind ... not found" until the CRD's schema reaches the
+        policy's type converter (seconds, on a fresh apiserver). Wait for a server-side dry-run
+        create of an instance to be admitted."""
+        probe = json.dumps({"apiVersion": "novalet.io/v1alpha1", "kind": "VirtualInstance",
+                            "metadata": {"name": "probe", "namespace": "default"},
+                            "spec": {"flavor": {"vcpus": 1, "memoryMiB": 128}}})
+        deadline = time.monotonic() + wait
+        while True:
+            r = self.kubectl("create", "--dry-run=server", "-f", "-", input=probe, check=False)
+            if r.returncode == 0 or "ServiceUnavailable" not in r.stderr:
+                return  # usable (or refused for a reason of its own: the caller's tests will say)
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"VirtualInstances not usable {wait:.0f}s after the CRD is Established: "
+                                        f"{r.stderr.strip()}")
+            time.sleep(0.2)
