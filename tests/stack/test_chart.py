@@ -7,6 +7,7 @@ allowed, the calls it must not make are refused. helm comes from the control pla
 (hack/build-controlplane.sh); missing, the test fails, never skips.
 """
 
+import asyncio
 import base64
 import json
 import os
@@ -18,8 +19,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
+
+from novalet.api.policies import REQUESTS_POLICY, policy_manifests
+from novalet.cli import GENERATED
+from novalet.controller.main import webhook_configuration
 
 pytestmark = pytest.mark.stack
 
@@ -28,7 +34,9 @@ CHART = REPO / "charts" / "novalet"
 CRD_FILE = "novalet.io_virtualinstances.yaml"
 GROUP, VERSION, PLURAL = "novalet.io", "v1alpha1", "virtualinstances"
 LEASE_NS = "kube-node-lease"
-WEBHOOK = "validate.virtualinstances.novalet.io"
+WEBHOOK = "validate.virtualinstances.novalet.io"  # the webhook's name inside the configuration
+POLICY_KINDS = ["MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding", "ValidatingAdmissionPolicy",
+                "ValidatingAdmissionPolicyBinding"]
 MERGE = "application/merge-patch+json"
 
 
@@ -80,13 +88,14 @@ def _rules(role: dict) -> set[tuple[str, str, str, str]]:
 
 # --- the chart itself ----------------------------------------------------------------------
 
-def test_chart_crd_is_the_repo_crd():
-    chart_crd = CHART / "crds" / CRD_FILE
-    repo_crd = REPO / "crds" / CRD_FILE
-    assert not chart_crd.is_symlink(), "Helm does not follow symlinks out of a chart: keep a copy"
-    assert chart_crd.read_bytes() == repo_crd.read_bytes(), (
-        f"{chart_crd} differs from {repo_crd}: cp crds/{CRD_FILE} charts/novalet/crds/")
-    assert sorted(p.name for p in (CHART / "crds").iterdir()) == sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
+def test_chart_copies_are_the_repo_files():
+    """The CRD (crds/, installed once) and the admission policies (files/, rendered by a template,
+    so upgrades update them) are copies of the generated files in the repository's crds/."""
+    for repo_path, chart_path in GENERATED.values():
+        assert not (REPO / chart_path).is_symlink(), "Helm does not follow symlinks out of a chart: keep a copy"
+        assert (REPO / chart_path).read_bytes() == (REPO / repo_path).read_bytes(), (
+            f"{chart_path} differs from {repo_path}: .venv/bin/novalet crd --write")
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == [CRD_FILE]
 
 
 def test_helm_lint(helm):
@@ -94,15 +103,18 @@ def test_helm_lint(helm):
     assert "0 chart(s) failed" in r.stdout
     helm("lint", "--strict", str(CHART), "--set", "controller.service.clusterIP=10.96.0.200",
          "--set", "agent.imagePool=/srv/images", "--set", "controller.tls.secretName=novalet-tls",
-         "--set", "agent.readSecrets=false", "--set", "rbac.observeCRDs=false")
+         "--set", "controller.tls.caBundle=Zm9v", "--set", "agent.setPassword.namespaces={team-a}",
+         "--set", "rbac.observeCRDs=false", "--set", "admissionPolicies.create=false",
+         "--set", "controller.webhook.failurePolicy=Ignore", "--set", "rbac.adminRole.aggregateTo={admin}")
 
 
 def test_helm_template_renders(helm):
     docs = _docs(helm("template", "rel", str(CHART), "--namespace", "nv", "--include-crds").stdout)
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ServiceAccount", "ClusterRole",
-                            "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Role", "Role",
-                            "RoleBinding", "RoleBinding", "DaemonSet", "Deployment", "Service"]), kinds
+                            "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
+                            "Role", "Role", "RoleBinding", "RoleBinding", "DaemonSet", "Deployment", "Service",
+                            "Secret", "ValidatingWebhookConfiguration", *POLICY_KINDS]), kinds
     crd = _one(docs, "CustomResourceDefinition")
     assert crd == yaml.safe_load((REPO / "crds" / CRD_FILE).read_text())
 
@@ -130,9 +142,12 @@ def test_helm_template_renders(helm):
     # reaches a Service even where it cannot resolve *.svc names), the DNS name in its certificate
     dep = _one(docs, "Deployment", "-controller")
     (ctl,) = dep["spec"]["template"]["spec"]["containers"]
-    assert ctl["args"][:5] == ["controller", "--webhook-port=9443", "--webhook-addr=0.0.0.0",
+    assert ctl["args"][:8] == ["controller", "--webhook-port=9443", "--webhook-addr=0.0.0.0",
                                "--webhook-host=rel-novalet-controller.nv.svc",
-                               "--webhook-service=nv/rel-novalet-controller"]
+                               "--webhook-service=nv/rel-novalet-controller", "--no-register-webhook",
+                               "--tls-cert=/etc/novalet/tls/tls.crt", "--tls-key=/etc/novalet/tls/tls.key"]
+    tls = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    assert tls["secret"]["secretName"] == "rel-novalet-webhook-tls"
     assert dep["spec"]["replicas"] == 1
     svc = _one(docs, "Service", "-controller")
     assert svc["spec"]["ports"][0]["port"] == 9443
@@ -141,7 +156,8 @@ def test_helm_template_renders(helm):
     # values: a separate image pool gets its own mount; a fixed ClusterIP is the Service's
     docs = _docs(helm("template", "rel", str(CHART), "-n", "nv", "--set", "agent.imagePool=/srv/images",
                       "--set", "controller.service.clusterIP=10.96.0.200",
-                      "--set", "controller.tls.secretName=novalet-tls", "--set", "agent.readSecrets=false").stdout)
+                      "--set", "controller.tls.secretName=novalet-tls",
+                      "--set", "controller.tls.caBundle=Zm9v").stdout)
     pod = _one(docs, "DaemonSet")["spec"]["template"]["spec"]
     assert {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v} == \
         {"/run/libvirt", "/var/lib/novalet", "/srv/images"}
@@ -150,7 +166,13 @@ def test_helm_template_renders(helm):
     assert "--webhook-host=rel-novalet-controller.nv.svc" in ctl["args"]  # what a Service call verifies
     assert "--tls-cert=/etc/novalet/tls/tls.crt" in ctl["args"]
     assert _one(docs, "Service")["spec"]["clusterIP"] == "10.96.0.200"
-    assert not any(r[1] == "secrets" for r in _rules(_one(docs, "ClusterRole", "-agent")))
+    # your own certificate: mounted, its CA in the webhook configuration, no Secret generated
+    tls = next(v for v in _one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
+    assert tls["secret"]["secretName"] == "novalet-tls"
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    assert _one(docs, "ValidatingWebhookConfiguration")["webhooks"][0]["clientConfig"]["caBundle"] == "Zm9v"
+    no_ca = helm("template", "rel", str(CHART), "--set", "controller.tls.secretName=novalet-tls", check=False)
+    assert no_ca.returncode != 0 and "controller.tls.caBundle is required" in no_ca.stderr
 
     # the chart refuses a cluster without matchConditions (Kubernetes < 1.30)
     old = helm("template", "rel", str(CHART), "--kube-version", "1.29.0", check=False)
@@ -160,24 +182,81 @@ def test_helm_template_renders(helm):
 def test_helm_template_rbac_is_least_privilege(helm):
     docs = _docs(helm("template", "rel", str(CHART), "-n", "nv").stdout)
     agent = _rules(_one(docs, "ClusterRole", "-agent"))
-    assert agent == {
+    events = {r for r in agent if r[:2] == ("events.k8s.io", "events")}
+    assert ("events.k8s.io", "events", "create", "") in events and {r[2] for r in events} <= {"create", "patch"}
+    assert agent - events == {
         ("novalet.io", "virtualinstances", v, "") for v in ("get", "list", "watch", "patch")
     } | {("novalet.io", "virtualinstances/status", v, "") for v in ("get", "patch")} | {
-        ("events.k8s.io", "events", "create", ""), ("", "secrets", "get", ""),
+        ("authorization.k8s.io", "subjectaccessreviews", "create", ""),
+        ("admissionregistration.k8s.io", "validatingadmissionpolicies", "get", REQUESTS_POLICY),
+        ("admissionregistration.k8s.io", "validatingadmissionpolicybindings", "get", REQUESTS_POLICY),
         ("apiextensions.k8s.io", "customresourcedefinitions", "list", ""),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch", "")}
+    assert not any(r[1] == "secrets" for r in agent)  # no Secret anywhere unless a namespace opts in
+    setpassword = _one(docs, "ClusterRole", "-setpassword")
+    assert _rules(setpassword) == {("", "secrets", "get", "")}
+    assert not [d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
+                and d["roleRef"]["name"] == setpassword["metadata"]["name"]]  # bound nowhere by default
+    admin = _one(docs, "ClusterRole", "-admin")
+    assert _rules(admin) == {("novalet.io", "virtualinstances/admin", "update", "")}
+    assert not any(k.startswith("rbac.authorization.k8s.io/aggregate-to") for k in admin["metadata"]["labels"])
     agent_lease = _one(docs, "Role", "-agent")
     assert agent_lease["metadata"]["namespace"] == LEASE_NS
     assert _rules(agent_lease) == {("coordination.k8s.io", "leases", v, "") for v in ("get", "create", "update")}
     controller = _rules(_one(docs, "ClusterRole", "-controller"))
     assert controller == {("novalet.io", "virtualinstances", v, "") for v in ("get", "list", "watch")} | {
         ("novalet.io", "virtualinstances/status", "patch", ""),
-        ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "get", WEBHOOK),
-        ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "update", WEBHOOK),
-        ("admissionregistration.k8s.io", "validatingwebhookconfigurations", "create", ""),
         ("apiextensions.k8s.io", "customresourcedefinitions", "list", ""),
-        ("apiextensions.k8s.io", "customresourcedefinitions", "watch", "")}
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch", "")}  # no admission-level grant
     assert _rules(_one(docs, "Role", "-controller")) == {("coordination.k8s.io", "leases", "list", "")}
+
+    docs = _docs(helm("template", "rel", str(CHART), "-n", "nv", "--set", "agent.setPassword.namespaces={team-a,team-b}",
+                      "--set", "rbac.adminRole.aggregateTo={admin}").stdout)
+    bindings = [d for d in docs if d["kind"] == "RoleBinding" and d["roleRef"]["name"] == "rel-novalet-setpassword"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    assert all(b["subjects"] == [{"kind": "ServiceAccount", "name": "rel-novalet-agent", "namespace": "nv"}]
+               for b in bindings)
+    labels = _one(docs, "ClusterRole", "-admin")["metadata"]["labels"]
+    assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+
+
+def test_helm_template_webhook_configuration_and_policies(helm):
+    """The chart installs the webhook configuration (the controller only serves it) with a CA it
+    generated, and the two admission policies exactly as generated in crds/."""
+    docs = _docs(helm("template", "rel", str(CHART), "-n", "nv").stdout)
+    webhook = _one(docs, "ValidatingWebhookConfiguration")
+    assert webhook["metadata"]["name"] == "rel-novalet-validate"
+    (hook,) = webhook["webhooks"]
+    (local,) = webhook_configuration({})["webhooks"]  # what `novalet controller` registers locally
+    for key in ("name", "admissionReviewVersions", "sideEffects", "failurePolicy", "timeoutSeconds", "rules",
+                "matchConditions"):
+        assert hook[key] == local[key], key
+    assert hook["failurePolicy"] == "Fail" and "namespaceSelector" not in hook
+    assert hook["clientConfig"]["service"] == {"namespace": "nv", "name": "rel-novalet-controller", "port": 9443,
+                                               "path": "/validate"}
+    secret = _one(docs, "Secret", "-webhook-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    ca = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["ca.crt"]))
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["rel-novalet-controller.nv.svc"]  # what the apiserver checks
+
+    rendered = [d for d in docs if d["kind"] in POLICY_KINDS]
+    assert [{**d, "metadata": {"name": d["metadata"]["name"]}} for d in rendered] == policy_manifests()
+    assert all(d["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm" for d in rendered)
+
+    docs = _docs(helm("template", "rel", str(CHART), "-n", "nv", "--set", "controller.webhook.enabled=false",
+                      "--set", "controller.webhook.failurePolicy=Ignore").stdout)
+    assert not [d for d in docs if d["kind"] in ("ValidatingWebhookConfiguration", "Secret", "Service")]
+    assert sorted(d["kind"] for d in docs if d["kind"] in POLICY_KINDS) == sorted(POLICY_KINDS)  # they need no process
+    docs = _docs(helm("template", "rel", str(CHART), "-n", "nv", "--set", "admissionPolicies.create=false",
+                      "--set", "controller.webhook.failurePolicy=Ignore",
+                      "--set-json", 'controller.webhook.namespaceSelector={"matchLabels":{"team":"a"}}').stdout)
+    assert not [d for d in docs if d["kind"] in POLICY_KINDS]
+    (hook,) = _one(docs, "ValidatingWebhookConfiguration")["webhooks"]
+    assert hook["failurePolicy"] == "Ignore" and hook["namespaceSelector"] == {"matchLabels": {"team": "a"}}
 
 
 # --- installed on the real apiserver -------------------------------------------------------
@@ -186,21 +265,32 @@ class Release:
     def __init__(self, name: str, namespace: str):
         self.name, self.namespace = name, namespace
         self.agent_sa, self.controller_sa = f"{name}-novalet-agent", f"{name}-novalet-controller"
+        self.fullname = f"{name}-novalet"
+        # No controller pod ever runs here (no kubelet), so the chart's webhook, failing closed,
+        # would refuse every instance's spec change in the cluster: this release's webhook
+        # covers only namespaces carrying this label (test_webhook_down_*).
+        self.webhook_label = ("novalet.io/webhook-test", name)
 
 
 @pytest.fixture(scope="module")
 def release(control_plane, crds, helm):
-    """The chart installed into a fresh namespace whose Pod Security level is `restricted`."""
+    """The chart installed into a fresh namespace whose Pod Security level is `restricted`. The
+    session's stack installed the admission policies from crds/ already: the release takes
+    them over (they have fixed names), and they are put back after it is uninstalled."""
     rel = Release(f"nv{uuid.uuid4().hex[:6]}", f"chart-{uuid.uuid4().hex[:6]}")
     control_plane.kubectl("create", "namespace", rel.namespace)
     control_plane.kubectl("label", "namespace", rel.namespace, "pod-security.kubernetes.io/enforce=restricted")
+    key, value = rel.webhook_label
     try:
-        helm("install", rel.name, str(CHART), "--namespace", rel.namespace, "--set", "image.tag=test")
+        helm("install", rel.name, str(CHART), "--namespace", rel.namespace, "--set", "image.tag=test",
+             "--take-ownership", "--set-json",
+             f'controller.webhook.namespaceSelector={{"matchLabels":{{"{key}":"{value}"}}}}')
         yield rel
     finally:
         helm("uninstall", rel.name, "--namespace", rel.namespace, check=False)
         control_plane.kubectl("delete", "namespace", rel.namespace, "--wait=false", "--ignore-not-found",
                               check=False)
+        control_plane.apply_crds()
 
 
 def _token_kubeconfig(control_plane, namespace: str, sa: str, path: Path) -> Path:
@@ -259,12 +349,22 @@ def test_helm_install_creates_the_objects(control_plane, release, helm):
     assert status["info"]["status"] == "deployed"
     for kind, name in [("serviceaccount", release.agent_sa), ("serviceaccount", release.controller_sa),
                        ("daemonset", release.agent_sa), ("deployment", release.controller_sa),
-                       ("service", release.controller_sa)]:
+                       ("service", release.controller_sa), ("secret", f"{release.fullname}-webhook-tls")]:
         control_plane.kubectl("get", kind, name, "-n", ns)
     for kind, name in [("clusterrole", release.agent_sa), ("clusterrolebinding", release.agent_sa),
                        ("clusterrole", release.controller_sa), ("clusterrolebinding", release.controller_sa),
+                       ("clusterrole", f"{release.fullname}-setpassword"), ("clusterrole", f"{release.fullname}-admin"),
+                       ("validatingwebhookconfiguration", f"{release.fullname}-validate"),
                        ("crd", "virtualinstances.novalet.io")]:
         control_plane.kubectl("get", kind, name)
+    # the admission policies belong to the release now, and the apiserver type-checked them clean
+    for kind in ("mutatingadmissionpolicy", "mutatingadmissionpolicybinding", "validatingadmissionpolicy",
+                 "validatingadmissionpolicybinding"):
+        name = "novalet-requester" if kind.startswith("mutating") else "novalet-requests"
+        got = json.loads(control_plane.kubectl("get", kind, name, "-o", "json").stdout)
+        assert got["metadata"]["annotations"]["meta.helm.sh/release-name"] == release.name, kind
+    vap = json.loads(control_plane.kubectl("get", "validatingadmissionpolicy", "novalet-requests", "-o", "json").stdout)
+    assert not (vap.get("status", {}).get("typeChecking") or {}).get("expressionWarnings"), vap["status"]
     for kind in ("role", "rolebinding"):
         for name in (release.agent_sa, release.controller_sa):
             control_plane.kubectl("get", kind, name, "-n", LEASE_NS)
@@ -279,6 +379,85 @@ def test_helm_install_creates_the_objects(control_plane, release, helm):
     assert pods, "the controller's ReplicaSet created no Pod: " + control_plane.kubectl(
         "get", "replicasets,events", "-n", ns, "-o", "wide", check=False).stdout
     assert pods[0]["spec"]["serviceAccountName"] == release.controller_sa
+    assert {"name": "tls", "secret": {"secretName": f"{release.fullname}-webhook-tls", "defaultMode": 420}} in \
+        pods[0]["spec"]["volumes"]
+
+
+def test_helm_upgrade_keeps_the_webhook_ca(control_plane, release, helm):
+    def ca() -> tuple[str, str]:
+        secret = json.loads(control_plane.kubectl("get", "secret", f"{release.fullname}-webhook-tls", "-n",
+                                                  release.namespace, "-o", "json").stdout)
+        webhook = json.loads(control_plane.kubectl("get", "validatingwebhookconfiguration",
+                                                   f"{release.fullname}-validate", "-o", "json").stdout)
+        return secret["data"]["ca.crt"], webhook["webhooks"][0]["clientConfig"]["caBundle"]
+
+    before = ca()
+    assert before[0] == before[1]
+    helm("upgrade", release.name, str(CHART), "-n", release.namespace, "--reuse-values")
+    assert ca() == before  # the running controller's certificate stays valid across upgrades
+
+
+async def test_webhook_down_refuses_spec_changes_only_and_the_policies_hold(control_plane, release, kube_api,
+                                                                             tmp_path):
+    """No controller pod runs (no kubelet): the chart's webhook is down, as between `helm
+    install` and the controller's first start. In a namespace it covers, spec changes fail
+    closed; status writes, metadata writes and deletes never call it; and the in-apiserver
+    policies still refuse what they refuse (here: deleting another user's locked instance)."""
+    ns = f"down-{uuid.uuid4().hex[:6]}"
+    control_plane.kubectl("create", "namespace", ns)
+    custom = client.CustomObjectsApi(kube_api)
+    try:
+        for name in ("vm-a", "vm-b"):  # created before the namespace is covered
+            await custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, {
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "VirtualInstance", "metadata": {"name": name},
+                "spec": {"flavor": {"vcpus": 1, "memoryMiB": 128}}})
+        key, value = release.webhook_label
+        control_plane.kubectl("label", "namespace", ns, f"{key}={value}")
+        started = time.monotonic()
+        for _ in range(40):  # until the apiserver's informer sees the label
+            try:
+                await custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "vm-a",
+                                                            {"spec": {"powerState": "Stopped"}}, _content_type=MERGE)
+            except ApiException as e:
+                assert e.status == 500, e.body
+                message = json.loads(e.body)["message"]
+                break
+            await asyncio.sleep(0.25)
+        else:
+            pytest.fail("spec changes are still admitted with the webhook down")
+        assert f'failed calling webhook "{WEBHOOK}"' in message
+        assert (await custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "vm-a"))["spec"][
+            "powerState"] == "Running"
+        # what never depends on the controller
+        await custom.patch_namespaced_custom_object_status(GROUP, VERSION, ns, PLURAL, "vm-a", {"status": {
+            "vmState": "active", "lock": {"lockedBy": "alice", "reason": "audit", "lockedAt": "2026-01-01T00:00:00Z"}}},
+            _content_type=MERGE)
+        await custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "vm-a",
+                                                    {"metadata": {"labels": {"tier": "db"}}}, _content_type=MERGE)
+        await custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "vm-b")
+        # the policies: a namespace editor may not delete alice's locked instance
+        control_plane.kubectl("-n", ns, "create", "serviceaccount", "bob")
+        control_plane.kubectl("-n", ns, "create", "role", "vinst-edit", "--verb=get,patch,delete",
+                              "--resource=virtualinstances.novalet.io")
+        control_plane.kubectl("-n", ns, "create", "rolebinding", "bob-edit", "--role=vinst-edit",
+                              f"--serviceaccount={ns}:bob")
+        bob = await _client(_token_kubeconfig(control_plane, ns, "bob", tmp_path / "bob.kubeconfig"))
+        try:
+            for _ in range(40):  # RBAC takes effect once the apiserver's informers see the binding
+                if await _can(bob, "delete", PLURAL, GROUP, namespace=ns):
+                    break
+                await asyncio.sleep(0.25)
+            with pytest.raises(ApiException) as refused:
+                await client.CustomObjectsApi(bob).delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "vm-a")
+        finally:
+            await bob.close()
+        body = json.loads(refused.value.body)
+        assert refused.value.status == 403, body
+        assert (f"instance {ns}/vm-a is locked by alice (reason: audit): only alice or an administrator may "
+                "delete it") in body["message"]
+        assert time.monotonic() - started < 60
+    finally:
+        control_plane.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 async def test_agent_rbac_with_its_token(control_plane, release, kube_api, tmp_path):
@@ -320,6 +499,25 @@ async def test_agent_rbac_with_its_token(control_plane, release, kube_api, tmp_p
             reporting_controller="novalet.io/agent", reporting_instance="test",
             regarding=client.V1ObjectReference(api_version=f"{GROUP}/{VERSION}", kind="VirtualInstance",
                                                name="vm1", namespace=ns, uid=got["metadata"]["uid"])))
+        # before ResetState / SetPassword: is the requester allowed, and is the policy in force?
+        review = await client.AuthorizationV1Api(api).create_subject_access_review(client.V1SubjectAccessReview(
+            spec=client.V1SubjectAccessReviewSpec(user="someone", groups=["system:authenticated"],
+                                                  resource_attributes=client.V1ResourceAttributes(
+                                                      verb="update", group=GROUP, resource=PLURAL,
+                                                      subresource="admin", namespace=ns, name="vm1"))))
+        assert review.status.allowed is False
+        admission = client.AdmissionregistrationV1Api(api)
+        await admission.read_validating_admission_policy(REQUESTS_POLICY)
+        await admission.read_validating_admission_policy_binding(REQUESTS_POLICY)
+        # SetPassword's Secret: refused until the namespace opts in with the one documented command
+        await _refused(core.read_namespaced_secret("pw", ns))
+        control_plane.kubectl("-n", ns, "create", "rolebinding", "novalet-setpassword",
+                              f"--clusterrole={release.fullname}-setpassword",
+                              f"--serviceaccount={ns}:{release.agent_sa}")
+        for _ in range(40):
+            if await _can(api, "get", "secrets", namespace=ns, name="pw"):
+                break
+            await asyncio.sleep(0.25)
         secret = await core.read_namespaced_secret("pw", ns)
         assert base64.b64decode(secret.data["password"]) == b"s3cret"
         lease = await coordination.create_namespaced_lease(LEASE_NS, client.V1Lease(
@@ -352,6 +550,10 @@ async def test_agent_rbac_with_its_token(control_plane, release, kube_api, tmp_p
             metadata=client.V1ObjectMeta(generate_name="vm1-"), involved_object=client.V1ObjectReference(
                 kind="VirtualInstance", name="vm1", namespace=ns))))
         await _refused(client.AdmissionregistrationV1Api(api).list_validating_webhook_configuration())
+        await _refused(admission.list_validating_admission_policy())
+        await _refused(admission.read_validating_admission_policy("someone-elses-policy"))
+        await _refused(core.read_namespaced_secret("pw", "default"))  # other namespaces did not opt in
+        assert not await _can(api, "update", PLURAL, GROUP, namespace=ns, subresource="admin")
         assert not await _can(api, "update", PLURAL, GROUP, namespace=ns, subresource="status")
         assert not await _can(api, "delete", "events", "events.k8s.io", namespace=ns)
     finally:
@@ -384,28 +586,14 @@ async def test_controller_rbac_with_its_token(control_plane, release, kube_api, 
                                         "message": "test", "lastTransitionTime": "2024-01-01T00:00:00Z"}]}},
             _content_type=MERGE)
         assert patched["status"]["conditions"][0]["reason"] == "NoAgent"
-        # ... and its webhook configuration: read, create (dry run: another test may own it), replace
+        # what it must not do: the chart installs the webhook configuration, the controller has no
+        # admission-level grant at all
         webhook = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
-                   "metadata": {"name": WEBHOOK}, "webhooks": []}
-        try:
-            existing = await admission.read_validating_webhook_configuration(WEBHOOK)
-        except ApiException as e:
-            assert e.status == 404, f"{e.status} {e.reason}: {e.body}"
-            existing = None
-        if existing is None:
-            await _allowed(admission.create_validating_webhook_configuration(webhook, dry_run="All"))
-        else:
-            await _allowed(admission.replace_validating_webhook_configuration(WEBHOOK, existing, dry_run="All"))
-        for verb in ("get", "update"):
-            assert await _can(api, verb, "validatingwebhookconfigurations", "admissionregistration.k8s.io",
-                              name=WEBHOOK)
-        assert await _can(api, "create", "validatingwebhookconfigurations", "admissionregistration.k8s.io")
-
-        # what it must not do
-        await _refused(admission.read_validating_webhook_configuration("someone-elses-webhook"))
-        other = dict(webhook, metadata={"name": "someone-elses-webhook", "resourceVersion": "1"})
-        await _refused(admission.replace_validating_webhook_configuration("someone-elses-webhook", other))
-        await _refused(admission.delete_validating_webhook_configuration(WEBHOOK))
+                   "metadata": {"name": "forged"}, "webhooks": []}
+        await _refused(admission.create_validating_webhook_configuration(webhook, dry_run="All"))
+        await _refused(admission.read_validating_webhook_configuration(f"{release.fullname}-validate"))
+        await _refused(admission.delete_validating_webhook_configuration(f"{release.fullname}-validate"))
+        await _refused(admission.delete_validating_admission_policy_binding(REQUESTS_POLICY))
         await _refused(admission.list_validating_webhook_configuration())
         await _refused(admission.list_mutating_webhook_configuration())
         await _refused(custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "vm3",
@@ -429,13 +617,22 @@ async def test_controller_rbac_with_its_token(control_plane, release, kube_api, 
 
 
 def test_helm_uninstall_removes_cluster_objects(control_plane, crds, helm, tmp_path):
-    """A second, throwaway release: uninstall leaves no ClusterRole or lease Role behind."""
+    """A second, throwaway release: uninstall leaves no ClusterRole, lease Role or webhook
+    configuration behind (the chart, not the controller, owns it). The admission policies are
+    the first release's (one set per cluster)."""
     name, ns = f"nv{uuid.uuid4().hex[:6]}", f"chart-{uuid.uuid4().hex[:6]}"
-    helm("install", name, str(CHART), "--namespace", ns, "--create-namespace")
+    helm("install", name, str(CHART), "--namespace", ns, "--create-namespace", "--set", "admissionPolicies.create=false",
+         "--set-json", 'controller.webhook.namespaceSelector={"matchLabels":{"novalet.io/webhook-test":"none"}}')
     try:
         control_plane.kubectl("get", "clusterrole", f"{name}-novalet-agent")
+        control_plane.kubectl("get", "validatingwebhookconfiguration", f"{name}-novalet-validate")
     finally:
         helm("uninstall", name, "--namespace", ns, "--wait")
+    for kind, obj in [("validatingwebhookconfiguration", "validate"), ("clusterrole", "setpassword"),
+                      ("clusterrole", "admin")]:
+        r = control_plane.kubectl("get", kind, f"{name}-novalet-{obj}", check=False)
+        assert r.returncode != 0 and "NotFound" in r.stderr, (kind, obj, r.stdout, r.stderr)
+    control_plane.kubectl("get", "validatingadmissionpolicy", "novalet-requests")  # not the throwaway's
     for kind, args in [("clusterrole", []), ("clusterrolebinding", []), ("role", ["-n", LEASE_NS]),
                        ("rolebinding", ["-n", LEASE_NS])]:
         for component in ("agent", "controller"):

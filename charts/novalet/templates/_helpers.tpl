@@ -61,7 +61,12 @@ Service's DNS name. */}}
 {{- end }}
 {{- end }}
 
-{{/* The webhook configuration the controller writes (a fixed name: one controller per cluster). */}}
+{{/* The ValidatingWebhookConfiguration the chart installs. */}}
 {{- define "novalet.webhookConfigurationName" -}}
-validate.virtualinstances.novalet.io
+{{- printf "%s-validate" (include "novalet.fullname" .) }}
+{{- end }}
+
+{{/* The Secret with the webhook's serving certificate the controller mounts. */}}
+{{- define "novalet.webhookTLSSecret" -}}
+{{- default (printf "%s-webhook-tls" (include "novalet.fullname" .)) .Values.controller.tls.secretName }}
 {{- end }}
