@@ -174,8 +174,8 @@ def test_helm_template_renders(helm):
     no_ca = helm("template", "rel", str(CHART), "--set", "controller.tls.secretName=novalet-tls", check=False)
     assert no_ca.returncode != 0 and "controller.tls.caBundle is required" in no_ca.stderr
 
-    # the chart refuses a cluster without matchConditions (Kubernetes < 1.30)
-    old = helm("template", "rel", str(CHART), "--kube-version", "1.29.0", check=False)
+    # the chart refuses a cluster without the v1 admission policies (Kubernetes < 1.36)
+    old = helm("template", "rel", str(CHART), "--kube-version", "1.35.0", check=False)
     assert old.returncode != 0 and "kubeVersion" in old.stderr
 
 
