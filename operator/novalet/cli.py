@@ -44,6 +44,23 @@ def _controller(args: argparse.Namespace) -> int:
     return run_controller(args)
 
 
+def _boolean(text: str) -> bool:
+    """`--reap-orphans=false`: true/false (also yes/no, on/off, 1/0)."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="novalet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,8 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a guest gets to shut down on ACPI before it is powered off")
     run.add_argument("--lease-namespace", default="kube-node-lease",
                      help="namespace of the agents' heartbeat Leases")
+    run.add_argument("--lease-duration", type=float, default=20.0,
+                     help="seconds without a renewal after which a standby agent takes the node's Lease")
+    run.add_argument("--renew-deadline", type=float, default=10.0,
+                     help="seconds after its last renewal began that the holder stops acting (< lease duration)")
+    run.add_argument("--lease-retry-period", type=float, default=2.0,
+                     help="seconds between Lease renewals (and a standby's looks)")
+    run.add_argument("--backoff-base", type=float, default=10.0,
+                     help="seconds before a failed declarative step is tried again (doubling each time)")
+    run.add_argument("--backoff-cap", type=float, default=300.0,
+                     help="the longest wait between tries of a failing step")
+    run.add_argument("--resync-seconds", type=float, default=30.0,
+                     help="seconds between full sweeps of the node's instances (drift, retries, orphans)")
     run.add_argument("--domain-type", choices=["auto", "qemu", "kvm"], default="auto",
                      help="libvirt domain type (auto: TCG unless a probe booted a guest under KVM)")
+    run.add_argument("--reap-orphans", type=_boolean, default=True, metavar="true|false",
+                     help="destroy domains (and disks) of this node whose VirtualInstance is confirmed "
+                          "gone (default: true)")
+    run.add_argument("--orphan-grace-seconds", type=float, default=300.0,
+                     help="an orphan is reaped only after being confirmed gone at every look for this long")
+    run.add_argument("--max-orphans-per-sweep", type=int, default=3,
+                     help="more orphans than this at once (or all of the node's domains) is a mass: "
+                          "nothing is reaped, a Warning Event on the node's Lease says why")
+    run.add_argument("--libvirt-timeout", type=_positive, default=120.0,
+                     help="seconds a libvirt operation may take before its task fails (a soft reboot or "
+                          "graceful stop gets its own wait on top)")
+    run.add_argument("--libvirt-query-timeout", type=_positive, default=30.0,
+                     help="seconds a libvirt query (a domain's state, the domain list) may take")
+    run.add_argument("--libvirt-threads", type=int, default=16,
+                     help="threads for libvirt calls (waits on guests have a pool of their own)")
     run.add_argument("--verbose", action="store_true")
     run.set_defaults(func=_run)
 

@@ -1,6 +1,7 @@
 """What libvirt itself says about a domain: the ground truth e2e tests compare status with."""
 import threading
 import time
+from typing import ClassVar
 
 import libvirt
 
@@ -73,3 +74,71 @@ class BootCounter:
     def close(self) -> None:
         for callback_id in self.ids:
             self.conn.domainEventDeregisterAny(callback_id)
+
+
+class _ConnectionEvents:
+    """One connection-wide lifecycle and reboot callback (libvirt refuses a second one for the
+    same event on a connection), fanned out to the DomainEvents that listen."""
+
+    registries: ClassVar[dict[int, "_ConnectionEvents"]] = {}
+
+    def __init__(self, conn: libvirt.virConnect):
+        self.conn, self.listeners = conn, []
+        self.ids = [
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle, None),
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._reboot, None),
+        ]
+
+    @classmethod
+    def of(cls, conn: libvirt.virConnect) -> "_ConnectionEvents":
+        if id(conn) not in cls.registries:
+            cls.registries[id(conn)] = cls(conn)
+        return cls.registries[id(conn)]
+
+    def _lifecycle(self, conn, dom, event, detail, opaque):
+        self._note(dom, f"lifecycle-{event}-{detail}")
+
+    def _reboot(self, conn, dom, opaque):
+        self._note(dom, "reboot")
+
+    def _note(self, dom, what: str) -> None:
+        uid = dom.UUIDString().lower()
+        for listener in list(self.listeners):
+            listener.note(uid, what)
+
+    def leave(self, listener) -> None:
+        self.listeners.remove(listener)
+        if not self.listeners:
+            for callback_id in self.ids:
+                self.conn.domainEventDeregisterAny(callback_id)
+            self.registries.pop(id(self.conn), None)
+
+
+class DomainEvents:
+    """Every lifecycle and reboot event libvirt reports for one instance's domain, also before
+    the domain exists (a connection-wide callback filtered by uuid): what happened at libvirt,
+    whoever caused it."""
+
+    def __init__(self, conn: libvirt.virConnect, uid: str):
+        self.uid = uid.lower()
+        self.log: list[tuple[float, str]] = []
+        self.lock = threading.Lock()
+        self.source = _ConnectionEvents.of(conn)
+        self.source.listeners.append(self)
+
+    def note(self, uid: str, what: str) -> None:
+        if uid == self.uid:
+            with self.lock:
+                self.log.append((time.monotonic(), what))
+
+    def since(self, moment: float) -> list[str]:
+        with self.lock:
+            return [what for when, what in self.log if when >= moment]
+
+    @property
+    def starts(self) -> int:
+        with self.lock:
+            return sum(1 for _, what in self.log if what.startswith(f"lifecycle-{libvirt.VIR_DOMAIN_EVENT_STARTED}-"))
+
+    def close(self) -> None:
+        self.source.leave(self)

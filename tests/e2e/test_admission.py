@@ -71,15 +71,20 @@ async def test_state_dependent_request_refused_at_admission(webhook, instances, 
 
 
 async def test_reused_action_id_refused(webhook, instances, agents):
+    """The CRD's CEL rule refuses the id handled last (test_requests_once.py); the webhook also
+    refuses an older id still in the history."""
     node = unique_node()
     agents.start(node)
     await instances.create("vm", {"flavor": FLAVOR, "image": "", "nodeName": node})
     await instances.wait_idle("vm", "active", agents=agents)
-    await instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "once"})
-    await instances.wait_idle("vm", "active", agents=agents, last_id="once")
+    for request_id in ("once", "then"):
+        await instances.request("vm", {"name": "Reboot", "type": "Hard", "id": request_id})
+        await instances.wait_idle("vm", "active", agents=agents, last_id=request_id)
     await instances.patch_spec("vm", {"action": None})
     body = await refused(instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "once"}))
     assert "action id once was already used; commit a new id" in body
+    body = await refused(instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "then"}))
+    assert "action id then was already handled; commit a new id" in body
 
 
 async def test_static_rules_refused_by_the_schema_without_a_webhook(instances):

@@ -2,6 +2,7 @@
 gone), visibility through HostAgentReady, deletes that complete when it returns, orphans."""
 import asyncio
 import signal
+import time
 
 import pytest
 
@@ -90,10 +91,13 @@ async def test_orphan_domain_is_reaped_at_start(instances, agents, libvirt_view)
     await instances.delete("vm")
     await instances.wait_gone("vm")
     assert lv.power(libvirt_view, uid) == "running"  # an orphan now
-    agents.start(node)
+    grace = 3.0  # confirmed gone at every look for this long (default 300 s)
+    started = time.monotonic()
+    agents.start(node, extra_args=["--orphan-grace-seconds", str(grace)])
     for _ in range(120):
         if lv.domain(libvirt_view, uid) is None:
             break
         await asyncio.sleep(0.25)
     assert lv.domain(libvirt_view, uid) is None
+    assert time.monotonic() - started >= grace  # not at first sight: the grace period ran first
     assert not (agents.workdir / f"state-{node}" / "instances" / uid).exists()

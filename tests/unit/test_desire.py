@@ -1,5 +1,5 @@
 """`next_request`: the one request the agent acts on next, from spec and status."""
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from novalet.api.models import (
     ActionRecord,
+    Backoff,
     CurrentTask,
     Flavor,
     ResizeOrigin,
@@ -20,6 +21,7 @@ from novalet.core.vocabulary import Action, TaskState, VmState
 
 A, T, V = Action, TaskState, VmState
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
+LATER = NOW + timedelta(minutes=10)
 SMALL = {"vcpus": 1, "memoryMiB": 128}
 BIG = {"vcpus": 2, "memoryMiB": 256}
 
@@ -170,16 +172,27 @@ def test_error_only_rebuilds_on_a_new_image():
 def test_rejected_declarative_step_is_not_retried_in_the_same_generation():
     st_ = status(V.ACTIVE, lastAction=record("spec-g5-stop", "Rejected", "Stop"))
     assert next_request(spec(powerState="Stopped"), st_, 5, False) is None
-    assert next_request(spec(powerState="Stopped"), st_, 5, False, retry_failed=True) is None
+    assert next_request(spec(powerState="Stopped"), st_, 5, False, LATER) is None
     # a new generation is a new desire
     assert next_request(spec(powerState="Stopped"), st_, 6, False).id == "spec-g6-stop"
 
 
-def test_failed_declarative_step_is_retried_only_on_resync():
-    st_ = status(V.ACTIVE, lastAction=record("spec-g5-stop", "Failed", "Stop"))
-    assert next_request(spec(powerState="Stopped"), st_, 5, False) is None
-    assert next_request(spec(powerState="Stopped"), st_, 5, False, retry_failed=True) == Request(
+def test_failed_declarative_step_is_retried_once_its_backoff_passed():
+    failed = status(V.ACTIVE, lastAction=record("spec-g5-stop", "Failed", "Stop"))
+    st_ = failed.model_copy(update={"backoff": Backoff(request="spec-g5-stop", failures=1, lastError="boom",
+                                                       nextRetryAt=NOW + timedelta(seconds=10))})
+    assert next_request(spec(powerState="Stopped"), st_, 5, False, NOW) is None
+    assert next_request(spec(powerState="Stopped"), st_, 5, False, LATER) == Request(
         A.STOP, "spec-g5-stop", imperative=False)
+    # a spec change is a new request: tried at once, whatever the backoff of the old one
+    assert next_request(spec(powerState="Stopped"), st_, 6, False, NOW).id == "spec-g6-stop"
+
+
+def test_failing_delete_backs_off_too():
+    st_ = status(V.ERROR, lastAction=record("delete-g3", "Failed", "Delete")).model_copy(update={"backoff": Backoff(
+        request="delete-g3", failures=2, lastError="boom", nextRetryAt=NOW + timedelta(seconds=20))})
+    assert next_request(spec(), st_, 3, True, NOW) is None
+    assert next_request(spec(), st_, 3, True, LATER).action == A.DELETE
 
 
 def test_succeeded_declarative_step_runs_again_after_drift():

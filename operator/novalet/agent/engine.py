@@ -14,9 +14,11 @@ from typing import Any
 from .. import FINALIZER
 from ..api.models import Condition, InstanceLock, VirtualInstance, VirtualInstanceStatus
 from ..api.policies import REQUESTED_BY
-from ..core import authorization, policy, recovery, transitions
-from ..core.desire import Request, next_request, supersedes_running_task
+from ..core import authorization, backoff, policy, recovery, transitions
+from ..core.backoff import BackoffPolicy
+from ..core.desire import Request, next_request, preempts_running_task, supersedes_running_task
 from ..core.plans import BOOKKEEPING, ESCALATE_TO_HARD, Plan, plan_of
+from ..core.transitions import DEFAULT_BACKOFF
 from ..core.vocabulary import Action, VmState
 from ..kube.events import EventRecorder
 from ..kube.instances import Conflict, Gone, InstanceStore, parse
@@ -52,8 +54,9 @@ def _with_agent_ready(status: VirtualInstanceStatus, node: str) -> VirtualInstan
 
 class Engine:
     def __init__(self, store: InstanceStore, events: EventRecorder, ops: Operations, node: str,
-                 owner: str):
+                 owner: str, backoff_policy: BackoffPolicy = DEFAULT_BACKOFF):
         self.store, self.events, self.ops = store, events, ops
+        self.backoff_policy = backoff_policy
         self.node, self.owner = node, owner
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._changes: dict[tuple[str, str], asyncio.Event] = {}
@@ -65,23 +68,39 @@ class Engine:
             return inst.spec.nodeName == self.node
         return inst.status.node in (None, self.node)
 
+    def preempts(self, body: dict[str, Any]) -> bool:
+        """A watch event asks for something that must not wait behind the running task."""
+        try:
+            inst = parse(body)
+        except ValueError:
+            return False
+        return self.is_mine(inst) and preempts_running_task(
+            inst.spec, inst.status, inst.metadata.deletionTimestamp is not None) is not None
+
     # ---- the loop ----------------------------------------------------------------------
-    async def reconcile(self, namespace: str, name: str, retry_failed: bool = False) -> None:
+    async def reconcile(self, namespace: str, name: str) -> float | None:
+        """Bring one instance toward its spec. Returns the seconds after which it wants to be
+        looked at again (a failed step's backoff), or None."""
         async with self._locks[(namespace, name)]:
             for _ in range(MAX_ROUNDS):
                 body = await self.store.get(namespace, name)
                 if body is None:
-                    return
+                    return None
                 try:
-                    if not await self._round(body, retry_failed):
-                        return
+                    if not await self._round(body):
+                        return self._requeue_after(body)
                 except (Conflict, LostTask) as why:
                     log.info("%s/%s: %s; re-reading", namespace, name, type(why).__name__)
                 except Gone:
-                    return
+                    return None
             log.warning("%s/%s: still changing after %d rounds", namespace, name, MAX_ROUNDS)
+            return None
 
-    async def _round(self, body: dict[str, Any], retry_failed: bool) -> bool:
+    def _requeue_after(self, body: dict[str, Any]) -> float | None:
+        status = parse(body).status
+        return backoff.waiting(status, status.backoff.request, now()) if status.backoff else None
+
+    async def _round(self, body: dict[str, Any]) -> bool:
         """One decision. True when it changed something and the next round may have work."""
         inst = parse(body)
         if not self.is_mine(inst):
@@ -89,17 +108,21 @@ class Engine:
         if inst.status.node != self.node:
             await self._claim(body, inst)
             return True
-        if inst.status.currentTask is not None:
-            await self._recover(body, inst)
-            return True
         deleting = inst.metadata.deletionTimestamp is not None
+        if inst.status.currentTask is not None:
+            preempted_by = preempts_running_task(inst.spec, inst.status, deleting)
+            if preempted_by:
+                await self._preempt(body, inst, preempted_by)
+            else:
+                await self._recover(body, inst)
+            return True
         finalizers = inst.metadata.finalizers
         if deleting and FINALIZER not in finalizers:
             return False
         if not deleting and FINALIZER not in finalizers:
             await self.store.write_finalizers(body, [*finalizers, FINALIZER])
             return True
-        request = next_request(inst.spec, inst.status, inst.metadata.generation or 0, deleting, retry_failed)
+        request = next_request(inst.spec, inst.status, inst.metadata.generation or 0, deleting, now())
         if request is None:
             return await self._sync(body, inst)
         request, refusal = await self._vouch(inst, request)
@@ -248,11 +271,22 @@ class Engine:
             return
         facts = await self.ops.facts(inst)
         body = await self._cas(body, lambda s: transitions.finish(
-            s, plan, succeeded, message, now(), facts.power_state, vm_state=vm_state),
-            self._task_guard(task.id))
+            s, plan, succeeded, message, now(), facts.power_state, vm_state=vm_state,
+            backoff_policy=self.backoff_policy), self._task_guard(task.id))
         reason = "Succeeded" if succeeded else "Failed"
         await self.events.emit(body, reason, f"{task.name} {task.id}: {message or reason.lower()}",
                                warning=not succeeded)
+
+    async def _preempt(self, body: dict[str, Any], inst: VirtualInstance, by: str) -> None:
+        """End the task on record without another hypervisor call (the one it is stuck in may
+        never return): delete or reset-state comes next."""
+        task = inst.status.currentTask
+        plan = plan_of(Action(task.name))
+        body = await self._cas(body, lambda s: transitions.finish(
+            s, plan, False, f"superseded by {by}", now(), s.powerState, vm_state=task.originVmState,
+            backoff_policy=self.backoff_policy), guard=lambda i: i.status.currentTask == task)
+        await self.events.emit(body, "Superseded", f"{task.name} {task.id} ({task.taskState.value}): "
+                                                   f"superseded by {by}", warning=True)
 
     # ---- recovery --------------------------------------------------------------------
     async def _recover(self, body: dict[str, Any], inst: VirtualInstance) -> None:

@@ -15,16 +15,22 @@ from typing import Any
 import kopf
 
 from .. import GROUP, PLURAL, VERSION
+from ..core.backoff import BackoffPolicy
+from ..core.fencing import LeaseTiming
+from ..core.reaping import ReapPolicy
 from ..kube.client import api_client, register_login
 from ..kube.events import EventRecorder
-from ..kube.instances import InstanceStore, parse
+from ..kube.instances import InstanceStore
 from ..kube.lease import NodeLease
 from .engine import Engine
-from .operations import Operations
+from .fence import Fence, Fenced
+from .libvirt_calls import LibvirtCalls
+from .operations import LibvirtTimeouts, Operations
+from .orphans import OrphanReaper
 from .scheduler import Scheduler
+from .unreadable import Unreadable
 
 log = logging.getLogger("novalet.agent")
-RESYNC_SECONDS = 30.0
 
 
 def agent_identity(node: str) -> str:
@@ -36,6 +42,9 @@ class Agent:
         self.args = args
         self.node = args.node_name
         self.identity = agent_identity(self.node)
+        self.timing = LeaseTiming(args.lease_duration, args.renew_deadline, args.lease_retry_period)
+        self.backoff = BackoffPolicy(args.backoff_base, args.backoff_cap)
+        self.fence = Fence(self.timing)
         self.lease_held = asyncio.Event()
         self.activation: asyncio.Task | None = None
 
@@ -43,49 +52,76 @@ class Agent:
         from ..virt.hypervisor import Hypervisor
 
         api = await api_client()
-        self.store = InstanceStore(api)
-        events = EventRecorder(api, "novalet.io/agent", self.identity)
-        self.lease = NodeLease(api, self.args.lease_namespace, self.node, self.identity)
+        self.store = InstanceStore(api, guard=self.fence.check)
+        events = EventRecorder(api, "novalet.io/agent", self.identity, guard=self.fence.check)
+        self.lease = NodeLease(api, self.args.lease_namespace, self.node, self.identity, self.timing)
         uri = self.args.libvirt_uri or os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system"
         kind = self.args.domain_type
         if kind == "auto":  # TCG unless a probe has booted a real guest under KVM
             from ..devenv.libvirtd import domain_type
             kind = domain_type()
         hypervisor = await asyncio.to_thread(
-            Hypervisor, uri, self.args.image_pool, self.args.state_dir, kind)
+            Hypervisor, uri, self.args.image_pool, self.args.state_dir, kind, guard=self.fence.check)
         log.info("node %s: libvirt %s, domain type %s, images in %s", self.node, uri, kind,
                  self.args.image_pool)
-        self.ops = Operations(hypervisor, api, self.node, self.args.soft_reboot_timeout, self.args.stop_timeout)
-        self.engine = Engine(self.store, events, self.ops, self.node, self.identity)
-        self.scheduler = Scheduler(self.engine, self.lease_held)
+        self.ops = Operations(hypervisor, api, self.node, self.args.soft_reboot_timeout, self.args.stop_timeout,
+                              LibvirtTimeouts(self.args.libvirt_timeout, self.args.libvirt_query_timeout),
+                              LibvirtCalls(self.args.libvirt_threads))
+        self.engine = Engine(self.store, events, self.ops, self.node, self.identity,
+                             self.backoff)
+        self.scheduler = Scheduler(self.engine, self.lease_held, self.fence)
         self.ops.on_domain_event(self.scheduler.kick_uid_threadsafe(asyncio.get_running_loop()))
+        self.reaper = OrphanReaper(self.ops, self.store, events, self.lease, self.node, ReapPolicy(
+            self.args.reap_orphans, self.args.orphan_grace_seconds, self.args.max_orphans_per_sweep),
+            self.lease_held.is_set)
+        self.unreadable = Unreadable(events, self.node, self.fence.holds)
 
     async def hold_lease(self) -> None:
-        """Renew the node Lease; act only while holding it. On (re)gaining it, sweep first."""
+        """Renew the node Lease every retry period; act only while the fence holds. On
+        (re)gaining the Lease, sweep first. A failed renewal keeps the agent acting until the
+        renew deadline (the fence lapses by itself then); a Lease someone else holds ends it
+        at once."""
+        retry = self.timing.retry_period_s
         while True:
+            started = self.fence.clock()
+            lost = False
             try:
-                held = await self.lease.try_acquire_or_renew()
-            except Exception as error:  # noqa: BLE001 - apiserver down: stand by until renewed
-                log.warning("lease renewal failed: %s", error)
+                held = await asyncio.wait_for(self.lease.try_acquire_or_renew(),
+                                              timeout=self.timing.renew_deadline_s / 2)
+                lost = not held
+            except Exception as error:  # noqa: BLE001 - apiserver down or slow: the deadline decides
+                log.warning("lease renewal failed: %s", error or type(error).__name__)
                 held = False
-            if held and not self.lease_held.is_set() and self.activation is None:
-                log.info("holding lease for node %s as %s: recovery sweep", self.node, self.identity)
-                self.activation = asyncio.create_task(self.activate())
-            elif not held and (self.lease_held.is_set() or self.activation):
-                log.warning("lost the lease for node %s: standing by", self.node)
-                if self.activation:
-                    self.activation.cancel()
-                self.activation = None
-                self.lease_held.clear()
-            await asyncio.sleep(self.lease.duration_s / 4)
+            if held:
+                self.fence.renewed(started)
+                if not self.lease_held.is_set() and self.activation is None:
+                    log.info("holding lease for node %s as %s: recovery sweep", self.node, self.identity)
+                    self.activation = asyncio.create_task(self.activate())
+            elif (lost or not self.fence.holds()) and (self.lease_held.is_set() or self.activation):
+                self.stand_down("another agent holds it" if lost else "renewals failed past the renew deadline")
+            await asyncio.sleep(max(0.0, started + retry - self.fence.clock()))
+
+    def stand_down(self, why: str) -> None:
+        """Stop acting on the node: every libvirt call and write checks the fence, which now
+        refuses; in-flight work is cancelled and never resumes (its tenure is over)."""
+        log.warning("fenced: lost the lease for node %s (%s): standing by", self.node, why)
+        self.fence.lose()
+        self.lease_held.clear()
+        if self.activation:
+            self.activation.cancel()
+        self.activation = None
+        self.scheduler.cancel_all()
 
     async def activate(self) -> None:
         """Recover every task left on this node, then take new work. Runs beside the lease
         renewals: a long recovery must not let the lease run out."""
+        self.fence.begin_work()
         while True:
             try:
                 await self.sweep()
                 break
+            except Fenced:
+                return
             except Exception:
                 log.exception("recovery sweep failed; retrying")
                 await asyncio.sleep(2)
@@ -93,26 +129,29 @@ class Agent:
         self.lease_held.set()
         self.activation = None
 
-    async def sweep(self, retry_failed: bool = False) -> None:
+    async def sweep(self) -> None:
         """Every instance of this node, before new work: recover tasks, reap orphans."""
         bodies = await self.store.list_all()
-        mine = [b for b in bodies if self.engine.is_mine(parse(b))]
+        readable = [(b, await self.unreadable.parse(b)) for b in bodies]  # the others: reported, skipped
+        mine = [b for b, inst in readable if inst is not None and self.engine.is_mine(inst)]
         for body in mine:
             self.scheduler.remember(body)
-        await asyncio.gather(*(self.engine.reconcile(b["metadata"]["namespace"], b["metadata"]["name"],
-                                                     retry_failed=retry_failed) for b in mine))
-        await self.ops.reap_orphans({b["metadata"]["uid"] for b in bodies}, self._still_exists)
-
-    async def _still_exists(self, meta) -> bool:
-        body = await self.store.get(meta.namespace, meta.name)
-        return body is not None and body["metadata"]["uid"] == meta.uid
+        keys = [(b["metadata"]["namespace"], b["metadata"]["name"]) for b in mine]
+        delays = await asyncio.gather(*(self.engine.reconcile(*key) for key in keys))
+        for key, delay in zip(keys, delays, strict=True):
+            if delay is not None:
+                self.scheduler.kick_later(key, delay)
+        await self.reaper.sweep({b["metadata"]["uid"] for b in bodies})  # unreadable ones count: they exist
 
     async def resync(self) -> None:
         while True:
-            await asyncio.sleep(RESYNC_SECONDS)
+            await asyncio.sleep(self.args.resync_seconds)
             if self.lease_held.is_set():
+                self.fence.begin_work()
                 try:
-                    await self.sweep(retry_failed=True)
+                    await self.sweep()
+                except Fenced:
+                    pass
                 except Exception:
                     log.exception("periodic resync failed")
 
@@ -140,8 +179,14 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
             agent.scheduler.forget(body)
             return
         agent.scheduler.remember(body)
+        if await agent.unreadable.parse(dict(body)) is None:
+            return  # reported on the object; the next change is looked at again
         agent.engine.notify(dict(body))
-        agent.scheduler.kick(body["metadata"]["namespace"], body["metadata"]["name"])
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if agent.engine.preempts(dict(body)):
+            agent.scheduler.preempt(*key)
+        else:
+            agent.scheduler.kick(*key)
 
     return registry
 
@@ -151,7 +196,11 @@ def run_agent(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("kopf.objects", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    agent = Agent(args)
+    try:
+        agent = Agent(args)
+    except ValueError as error:  # timings that break the fence or the backoff
+        log.error("novalet run: %s", error)
+        return 2
     registry = build_registry(agent)
     namespaces = args.namespace or []
     asyncio.run(kopf.operator(registry=registry, standalone=True, clusterwide=not namespaces,

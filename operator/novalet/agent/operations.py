@@ -1,10 +1,15 @@
 """The hypervisor operations a plan step names, run off the event loop.
 
-Before each operation the agent journals `<task id>:<op>` into the domain's own metadata, so
-after a crash the recovery table can tell an operation that was issued from one that was not
-(a reboot is never issued twice for one request).
+Every libvirt call runs on the agent's own bounded thread pools with a deadline
+(agent/libvirt_calls.py): a hung libvirtd fails the task with "libvirt did not answer <op>
+within N s" (LibvirtTimeout) instead of leaving it, and every other call of the node, stuck.
+An operation that waits on the guest by design (a soft reboot, a graceful stop) gets that wait
+on top of its deadline.
+
+Before a soft reboot the agent journals `<task id>:<op>` into the domain's own metadata, so
+after a crash the recovery table can tell a soft reboot that was issued from one that was not
+(a reboot is never issued twice for one request; core/recovery.JOURNALED_OPS).
 """
-import asyncio
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -14,15 +19,43 @@ from kubernetes_asyncio import client
 
 from ..api.models import VirtualInstance
 from ..core.authorization import secret_check
+from ..core.recovery import JOURNALED_OPS
 from ..core.vocabulary import PowerState
 from ..kube.access import Access, SecretError
+from ..virt.domain_xml import InstanceMetadata
 from ..virt.hypervisor import DomainFacts, Hypervisor, HypervisorError, InstanceSpec
+from .libvirt_calls import CallTimedOut, LibvirtCalls
 
 log = logging.getLogger(__name__)
 
 
 class OperationError(Exception):
     """An operation failed; the message is what the user reads in lastAction."""
+
+
+class LibvirtTimeout(OperationError):
+    """libvirt did not answer within the call's deadline; the call's thread was abandoned."""
+
+    def __init__(self, what: str, timeout_s: float):
+        super().__init__(f"libvirt did not answer {what} within {timeout_s:g} s")
+        self.what, self.timeout_s = what, timeout_s
+
+
+@dataclass(frozen=True)
+class LibvirtTimeouts:
+    """Deadlines of libvirt calls, in seconds (`--libvirt-timeout`, `--libvirt-query-timeout`)."""
+
+    call_s: float = 120.0       # an operation: define, start, destroy, pause, hard reboot, ...
+    query_s: float = 30.0       # a read: a domain's facts, the node's domain list
+    disk_copy_s: float = 1800.0  # a snapshot flattens the whole disk into the image pool
+
+    def __post_init__(self) -> None:
+        if min(self.call_s, self.query_s, self.disk_copy_s) <= 0:
+            raise ValueError("libvirt timeouts must be > 0")
+
+    def for_call(self, wait_s: float = 0.0) -> float:
+        """An operation that legitimately waits `wait_s` on the guest gets that on top."""
+        return self.call_s + max(0.0, wait_s)
 
 
 @dataclass(frozen=True)
@@ -44,26 +77,44 @@ class Facts:
 
 class Operations:
     def __init__(self, hypervisor: Hypervisor, api: client.ApiClient, node: str, soft_reboot_timeout: float,
-                 stop_timeout: float = 60.0):
+                 stop_timeout: float = 60.0, timeouts: LibvirtTimeouts | None = None,
+                 calls: LibvirtCalls | None = None):
         self.hv, self.node = hypervisor, node
         self.core = client.CoreV1Api(api)
         self.soft_reboot_timeout, self.stop_timeout = soft_reboot_timeout, stop_timeout
+        self.timeouts = timeouts or LibvirtTimeouts()
+        self.calls = calls or LibvirtCalls()
 
-    async def _call(self, fn, *args, **kwargs) -> Any:
+    async def _call(self, fn, *args, wait_s: float = 0.0, timeout_s: float | None = None, **kwargs) -> Any:
+        """fn(*args, **kwargs) on the libvirt pools, within its deadline: the call deadline
+        plus `wait_s` (a wait on the guest the operation does by design), or `timeout_s`."""
+        budget = timeout_s if timeout_s is not None else self.timeouts.for_call(wait_s)
+        what = getattr(fn, "__name__", "a call").replace("_", " ")
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            return await self.calls.run(fn, *args, timeout_s=budget, what=what, waits=wait_s > 0, **kwargs)
+        except CallTimedOut as error:
+            raise LibvirtTimeout(error.what, error.timeout_s) from None
         except HypervisorError as error:
             raise OperationError(str(error)) from error
 
+    async def _query(self, fn, *args) -> Any:
+        return await self._call(fn, *args, timeout_s=self.timeouts.query_s)
+
     async def facts(self, inst: VirtualInstance) -> Facts:
-        return Facts.of(await self._call(self.hv.facts, inst.metadata.uid))
+        return Facts.of(await self._query(self.hv.facts, inst.metadata.uid))
 
     def on_domain_event(self, callback) -> None:
-        self.hv.subscribe(lambda uid, event, detail: callback(uid))
+        """Subscribe to libvirt's domain events. Subscribing opens the connection: on a libvirt
+        pool thread, so a libvirtd that does not answer cannot block the agent's start (events
+        flow from whichever connection the next call opens)."""
+        subscribing = self.calls.calls.submit(self.hv.subscribe, lambda uid, event, detail: callback(uid))
+        subscribing.add_done_callback(
+            lambda f: f.exception() and log.warning("libvirt events: %s; subscribed for the next connection",
+                                                    f.exception()))
 
     async def run(self, op: str, inst: VirtualInstance) -> bool | None:
         task = inst.status.currentTask
-        if task is not None:
+        if task is not None and op in JOURNALED_OPS:
             await self._call(self.hv.mark_issued, inst.metadata.uid, f"{task.id}:{op}")
         return await getattr(self, f"op_{op}")(inst)
 
@@ -90,7 +141,7 @@ class Operations:
         await self._call(self.hv.start, inst.metadata.uid)
 
     async def op_stop(self, inst: VirtualInstance) -> None:
-        await self._call(self.hv.stop, inst.metadata.uid, True, self.stop_timeout)
+        await self._call(self.hv.stop, inst.metadata.uid, True, self.stop_timeout, wait_s=self.stop_timeout)
 
     async def op_pause(self, inst: VirtualInstance) -> None:
         await self._call(self.hv.pause, inst.metadata.uid)
@@ -105,7 +156,8 @@ class Operations:
         await self._call(self.hv.resume, inst.metadata.uid)
 
     async def op_reboot_soft(self, inst: VirtualInstance) -> bool:
-        return await self._call(self.hv.reboot_soft, inst.metadata.uid, self.soft_reboot_timeout)
+        return await self._call(self.hv.reboot_soft, inst.metadata.uid, self.soft_reboot_timeout,
+                                wait_s=self.soft_reboot_timeout)
 
     async def op_reboot_hard(self, inst: VirtualInstance) -> None:
         await self._call(self.hv.define, self._spec(inst))  # Nova regenerates the domain too
@@ -119,12 +171,12 @@ class Operations:
         await self._call(self.hv.unrescue, inst.metadata.uid)
 
     async def op_resize_power_off(self, inst: VirtualInstance) -> None:
-        await self._call(self.hv.stop, inst.metadata.uid, True, self.stop_timeout)
+        await self._call(self.hv.stop, inst.metadata.uid, True, self.stop_timeout, wait_s=self.stop_timeout)
 
     async def op_resize_apply_flavor(self, inst: VirtualInstance) -> None:
         flavor = inst.status.currentTask.targetFlavor
         await self._call(self.hv.resize, inst.metadata.uid, flavor.vcpus, flavor.memoryMiB, power_on=False,
-                         stop_timeout_s=self.stop_timeout)
+                         stop_timeout_s=self.stop_timeout, wait_s=self.stop_timeout)
 
     async def op_resize_finish(self, inst: VirtualInstance) -> None:
         if inst.status.currentTask.originPowerState == PowerState.RUNNING:
@@ -137,7 +189,7 @@ class Operations:
         origin = inst.status.resizedFrom
         power_on = origin is not None and origin.powerState == PowerState.RUNNING
         await self._call(self.hv.revert_resize, inst.metadata.uid, power_on=power_on,
-                         stop_timeout_s=self.stop_timeout)
+                         stop_timeout_s=self.stop_timeout, wait_s=self.stop_timeout)
 
     async def op_revert_resize_inflight(self, inst: VirtualInstance) -> None:
         """Recovery of an interrupted resize: back to the origin flavor and power state."""
@@ -145,7 +197,7 @@ class Operations:
         power_on = task.originPowerState == PowerState.RUNNING
         flavor = task.originFlavor
         await self._call(self.hv.resize, inst.metadata.uid, flavor.vcpus, flavor.memoryMiB, power_on=power_on,
-                         stop_timeout_s=self.stop_timeout)
+                         stop_timeout_s=self.stop_timeout, wait_s=self.stop_timeout)
         await self._call(self.hv.confirm_resize, inst.metadata.uid)
 
     async def op_rebuild_teardown(self, inst: VirtualInstance) -> None:
@@ -157,14 +209,15 @@ class Operations:
 
     # ---- snapshot, password, delete --------------------------------------------------
     async def op_snapshot(self, inst: VirtualInstance) -> None:
-        await self._call(self.hv.snapshot, inst.metadata.uid, inst.spec.action.snapshotName)
+        await self._call(self.hv.snapshot, inst.metadata.uid, inst.spec.action.snapshotName,
+                         timeout_s=self.timeouts.disk_copy_s)
 
     async def op_remove_partial_snapshot(self, inst: VirtualInstance) -> str:
         """Returns a note for the user: whether the image had completed before the crash (a
         complete image is never removed: it may be one the user already relies on)."""
         name = inst.spec.action.snapshotName if inst.spec.action else None
         await self._call(self.hv.abort_snapshot, inst.metadata.uid, name)
-        if name and await asyncio.to_thread(self.hv.images.exists, name):
+        if name and await self._query(self.hv.images.exists, name):
             return f"image {name} is complete in the pool"
         return "partial snapshot removed; request again"
 
@@ -198,16 +251,10 @@ class Operations:
     async def op_delete(self, inst: VirtualInstance) -> None:
         await self._call(self.hv.undefine_and_delete, inst.metadata.uid)
 
-    # ---- orphans ---------------------------------------------------------------------
-    async def reap_orphans(self, known_uids: set[str], still_exists) -> list[str]:
-        """Remove domains of this node whose VirtualInstance is gone. `still_exists(meta)`
-        re-checks each candidate against the apiserver, so an object created after the
-        listing is never reaped."""
-        reaped = []
-        for meta in await self._call(self.hv.list_instances):
-            if meta.node != self.node or meta.uid in known_uids or await still_exists(meta):
-                continue
-            log.warning("reaping orphan domain of %s/%s (uid %s)", meta.namespace, meta.name, meta.uid)
-            await self._call(self.hv.undefine_and_delete, meta.uid)
-            reaped.append(meta.uid)
-        return reaped
+    # ---- orphans (the decision is core/reaping.py's; agent/orphans.py asks) ------------
+    async def list_domains(self) -> list[InstanceMetadata]:
+        """novalet metadata of every domain of this libvirtd, whatever node it names."""
+        return await self._query(self.hv.list_instances)
+
+    async def remove_domain(self, uid: str) -> None:
+        await self._call(self.hv.undefine_and_delete, uid)

@@ -5,8 +5,10 @@ fields (rescue, flavor, image, powerState), one step at a time toward the latest
 Nothing is queued: each call looks at the spec as it is now.
 """
 from dataclasses import dataclass
+from datetime import datetime
 
 from ..api.models import VirtualInstanceSpec, VirtualInstanceStatus
+from . import backoff
 from .vocabulary import Action, VmState
 
 A, V = Action, VmState
@@ -86,11 +88,18 @@ def _wants_rebuild(spec: VirtualInstanceSpec, status: VirtualInstanceStatus) -> 
 
 
 def next_request(spec: VirtualInstanceSpec, status: VirtualInstanceStatus, generation: int,
-                 deleting: bool, retry_failed: bool = False) -> Request | None:
-    """`retry_failed`: a declarative step that failed for this generation is tried again
-    (the agent's periodic resync passes True, so failures back off instead of spinning)."""
+                 deleting: bool, now: datetime | None = None) -> Request | None:
+    """A declarative step refused for this generation waits for a spec change; one that
+    failed is tried again once its backoff (core/backoff.py) has passed at `now` (never, when
+    no `now` is given)."""
+    def waits(request_id: str) -> bool:
+        return now is None or backoff.waiting(status, request_id, now) is not None
+
     if deleting:
-        return Request(A.DELETE, f"delete-g{generation}", imperative=False)
+        request = Request(A.DELETE, f"delete-g{generation}", imperative=False)
+        last = status.lastAction
+        failed = last and last.id == request.id and last.result == "Failed"
+        return None if failed and waits(request.id) else request
     action = imperative_action(spec)
     if action is not None and spec.action.id not in seen_ids(status):
         return Request(action, spec.action.id, imperative=True, requested_by=spec.action.requestedBy)
@@ -100,8 +109,8 @@ def next_request(spec: VirtualInstanceSpec, status: VirtualInstanceStatus, gener
     request_id = f"spec-g{generation}-{action.value.lower()}"
     last = status.lastAction
     if last and last.id == request_id and (last.result == "Rejected" or
-                                           (last.result == "Failed" and not retry_failed)):
-        return None  # refused (or failed) for this generation: wait for a change or the resync
+                                           (last.result == "Failed" and waits(request_id))):
+        return None
     return Request(action, request_id, imperative=False)
 
 
@@ -112,4 +121,17 @@ def supersedes_running_task(spec: VirtualInstanceSpec, status: VirtualInstanceSt
         return None
     if imperative_action(spec) == A.REBOOT_HARD and spec.action.id not in seen_ids(status):
         return spec.action.id
+    return None
+
+
+def preempts_running_task(spec: VirtualInstanceSpec, status: VirtualInstanceStatus, deleting: bool) -> str | None:
+    """Delete and the admin reset-state never wait behind the task on record (Nova allows both
+    in every task state): a hung hypervisor call must not hold them. Returns what preempts."""
+    task = status.currentTask
+    if task is None:
+        return None
+    if deleting:
+        return None if task.name == A.DELETE.value else "delete"
+    if imperative_action(spec) == A.RESET_STATE and spec.action.id not in seen_ids(status):
+        return f"reset-state {spec.action.id}"
     return None

@@ -43,13 +43,20 @@ def with_presentation(status: VirtualInstanceStatus, now: datetime) -> VirtualIn
     failed = status.vmState == V.ERROR
     last = status.lastAction
     refused = bool(last and last.result in ("Rejected", "Failed"))
-    ready = not busy and not failed and status.vmState not in (None, V.BUILDING)
+    retry = status.backoff if not busy else None
+    ready = not busy and not failed and retry is None and status.vmState not in (None, V.BUILDING)
+    if retry is not None:
+        stalled = _condition(status, now, "Stalled", True, "Backoff", (
+            f"{retry.request} failed {retry.failures} time{'s' * (retry.failures > 1)}: {retry.lastError}; "
+            f"next retry at {retry.nextRetryAt.isoformat()} (or at once when the spec changes)"))
+    else:
+        stalled = _condition(status, now, "Stalled", failed, "Error" if failed else "None",
+                             last.message if failed and last else "")
     ours = {
         "Ready": _condition(status, now, "Ready", ready, phase(status)),
         "Reconciling": _condition(status, now, "Reconciling", busy,
                                   status.taskState.value if busy else "Idle"),
-        "Stalled": _condition(status, now, "Stalled", failed, "Error" if failed else "None",
-                              last.message if failed and last else ""),
+        "Stalled": stalled,
     }
     if refused and not busy and not failed:
         ours["Ready"] = ours["Ready"].model_copy(update={"message": f"last action {last.result}: {last.message}"})

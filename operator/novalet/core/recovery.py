@@ -36,6 +36,13 @@ class Recovery:
     cleanup: str | None = None    # an operation that removes leftovers (partial snapshot)
 
 
+# The operations whose recovery reads the journal (`issued`): only a soft reboot leaves no other
+# trace (the same QEMU process, the same domain id). Journaling any other operation would only
+# add a call that needs the domain's job lock, which a hung monitor holds (a delete must not
+# wait on it).
+JOURNALED_OPS = frozenset({"reboot_soft"})
+
+
 def _step_issued(task: CurrentTask, facts: DomainFacts) -> bool:
     plan, index = task_owner(task.taskState)
     op = plan.steps[index].op

@@ -6,12 +6,15 @@ this module talks to Kubernetes or libvirt.
 from datetime import datetime
 
 from ..api.models import ActionRecord, CurrentTask, Flavor, HandledAction, ResizeOrigin, VirtualInstanceStatus
+from . import backoff
+from .backoff import BackoffPolicy
 from .plans import EXPECTED_POWER, Plan, Step, final_vm_state
 from .presentation import with_presentation
 from .vocabulary import Action, PowerState, VmState
 
 A, V = Action, VmState
 HISTORY_LIMIT = 20
+DEFAULT_BACKOFF = BackoffPolicy()
 
 
 def _copy(status: VirtualInstanceStatus, **changes) -> VirtualInstanceStatus:
@@ -71,10 +74,19 @@ def _success_changes(status: VirtualInstanceStatus, task: CurrentTask) -> dict:
 
 
 def finish(status: VirtualInstanceStatus, plan: Plan, succeeded: bool, message: str, now: datetime,
-           power: PowerState | None, vm_state: VmState | None = None) -> VirtualInstanceStatus:
+           power: PowerState | None, vm_state: VmState | None = None,
+           backoff_policy: BackoffPolicy = DEFAULT_BACKOFF) -> VirtualInstanceStatus:
     """End the current task: a stable vm state (the plan's, unless recovery names one), the
-    record in lastAction and history."""
+    record in lastAction and history. A failed declarative step (not the spec.action request,
+    which is answered once) backs off before it is tried again; a success ends the backoff."""
     task = status.currentTask
+    one_shot = status.handledAction is not None and status.handledAction.id == task.id
+    if not succeeded and not one_shot:
+        retry = {"backoff": backoff.after_failure(status, task.id, message, now, backoff_policy)}
+    elif succeeded and status.backoff:  # converged: an older failing step is not tried again
+        retry = {"backoff": None}
+    else:
+        retry = {}
     pre_resize = status.resizedFrom.vmState if status.resizedFrom else None
     vm = vm_state or final_vm_state(plan, task.originVmState, pre_resize, succeeded)
     record = ActionRecord(name=task.name, id=task.id, message=message, startedAt=task.startedAt,
@@ -82,7 +94,7 @@ def finish(status: VirtualInstanceStatus, plan: Plan, succeeded: bool, message: 
                           requestedBy=task.requestedBy)
     changes = _success_changes(status, task) if succeeded else {}
     return with_presentation(_copy(status, vmState=vm, taskState=None, currentTask=None,
-                                   powerState=power, **changes, **_record(status, record)), now)
+                                   powerState=power, **changes, **retry, **_record(status, record)), now)
 
 
 def settle(status: VirtualInstanceStatus, vm_state: VmState, name: str, request_id: str,

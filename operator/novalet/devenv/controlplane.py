@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..private_files import private_dir, write_private
 from .processes import log_tail, pid_alive, proc_cmdline
 
 __all__ = ["TOOLS", "ControlPlane", "ControlPlaneError", "find_bin_dir", "repo_root"]
@@ -114,9 +115,7 @@ def port_free(port: int) -> bool:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    write_private(path, data)  # 0600 from the first byte, whatever the umask
 
 
 class _PKI:
@@ -134,10 +133,12 @@ class _PKI:
         from cryptography.hazmat.primitives.asymmetric import ec, rsa
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         needed = ["ca.crt", "ca.key", "apiserver.crt", "apiserver.key", "admin.crt", "admin.key",
                   "controller-manager.crt", "controller-manager.key", "sa.key", "sa.pub"]
         if all(self.path(n).exists() for n in needed):
+            for key in (n for n in needed if n.endswith(".key")):  # narrow keys of older runs
+                os.chmod(self.path(key), 0o600)
             return
 
         now = datetime.datetime.now(datetime.UTC)
@@ -475,13 +476,11 @@ class ControlPlane:
             "--v=1",
         ])
         # kubeconfigs before waiting: they only need the port and the PKI
-        self.kubeconfig.write_text(_kubeconfig(self.server, pki.path("ca.crt"), pki.path("admin.crt"),
-                                               pki.path("admin.key"), "novalet-admin"))
-        os.chmod(self.kubeconfig, 0o600)
+        write_private(self.kubeconfig, _kubeconfig(self.server, pki.path("ca.crt"), pki.path("admin.crt"),
+                                                   pki.path("admin.key"), "novalet-admin"))
         kcm_kubeconfig = self.state_dir / "controller-manager.kubeconfig"
-        kcm_kubeconfig.write_text(_kubeconfig(self.server, pki.path("ca.crt"), pki.path("controller-manager.crt"),
-                                              pki.path("controller-manager.key"), "system:kube-controller-manager"))
-        os.chmod(kcm_kubeconfig, 0o600)
+        write_private(kcm_kubeconfig, _kubeconfig(self.server, pki.path("ca.crt"), pki.path("controller-manager.crt"),
+                                                  pki.path("controller-manager.key"), "system:kube-controller-manager"))
         self._wait("kube-apiserver", self.ready, max(1.0, deadline - time.monotonic()), "ready")
 
         self._spawn("kube-controller-manager", [
@@ -565,8 +564,12 @@ class ControlPlane:
             args += ["-f", str(f)]
         self.kubectl(*args)
         crds = [f for f in files if "kind: CustomResourceDefinition" in f.read_text()]
-        self.kubectl("wait", "--for=condition=Established", f"--timeout={int(wait)}s",
-                     *[a for f in crds for a in ("-f", str(f))])
+        for attempt in range(5):  # kubectl wait right after a create can read a status not yet written
+            r = self.kubectl("wait", "--for=condition=Established", f"--timeout={int(wait)}s",
+                             *[a for f in crds for a in ("-f", str(f))], check=attempt == 4)
+            if r.returncode == 0:
+                break
+            time.sleep(0.5)
         self._wait_usable(wait)
         return files
 

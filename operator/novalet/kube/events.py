@@ -1,5 +1,12 @@
-"""Kubernetes Events for each step a user should see (`kubectl describe vinst`)."""
+"""Kubernetes Events for each step a user should see (`kubectl describe vinst`).
+
+The same Event again (same object, reason, note and type: a failing step retried) is counted
+on the Event first posted (events.k8s.io `series`: count and last time), as client-go's event
+recorder does, instead of posted anew.
+"""
 import logging
+from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,10 +16,17 @@ from kubernetes_asyncio.client.exceptions import ApiException
 log = logging.getLogger(__name__)
 
 
+def _no_guard(what: str) -> None:
+    return None
+
+
 class EventRecorder:
-    def __init__(self, api: client.ApiClient, component: str, instance: str):
+    def __init__(self, api: client.ApiClient, component: str, instance: str,
+                 guard: Callable[[str], None] = _no_guard):
+        """`guard(what)` runs right before every write and raises to refuse it (the agent's fence)."""
         self.events = client.EventsV1Api(api)
-        self.component, self.instance = component, instance
+        self.component, self.instance, self.guard = component, instance, guard
+        self._posted: OrderedDict[tuple[str, ...], tuple[str, str, int]] = OrderedDict()  # -> ns, name, count
 
     async def emit(self, body: dict[str, Any], reason: str, note: str, warning: bool = False,
                    action: str = "Reconcile") -> None:
@@ -26,8 +40,33 @@ class EventRecorder:
             regarding=client.V1ObjectReference(
                 api_version=body["apiVersion"], kind=body["kind"], name=meta["name"],
                 namespace=meta["namespace"], uid=meta["uid"], resource_version=meta.get("resourceVersion")))
+        key = (meta["uid"], reason, event.note, event.type)
+        self.guard("post an Event")
         try:
-            await self.events.create_namespaced_event(meta["namespace"], event)
+            if key in self._posted and await self._count_again(key, now):
+                return
+            posted = await self.events.create_namespaced_event(meta["namespace"], event)
+            self._remember(key, (meta["namespace"], posted.metadata.name, 1))
         except ApiException as error:  # an Event is best effort: never fail an action for it
             log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"],
                         meta["name"], error.reason)
+
+    async def _count_again(self, key: tuple[str, ...], now: datetime) -> bool:
+        """Count a repeat on the Event posted first; False when that Event is gone (expired)."""
+        namespace, name, count = self._posted[key]
+        series = {"series": {"count": count + 1, "lastObservedTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}}
+        try:
+            await self.events.patch_namespaced_event(name, namespace, series)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            del self._posted[key]
+            return False
+        self._remember(key, (namespace, name, count + 1))
+        return True
+
+    def _remember(self, key: tuple[str, ...], value: tuple[str, str, int], limit: int = 4096) -> None:
+        self._posted[key] = value
+        self._posted.move_to_end(key)
+        while len(self._posted) > limit:
+            self._posted.popitem(last=False)

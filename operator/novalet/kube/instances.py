@@ -4,6 +4,7 @@ Every write carries `metadata.resourceVersion`: the apiserver answers 409 when a
 got there first, and the caller re-reads and decides again. kopf's own patches carry no
 resourceVersion, which is why the agent writes status itself.
 """
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -31,9 +32,15 @@ def _translate(error: ApiException) -> Exception:
     return error
 
 
+def _no_guard(what: str) -> None:
+    return None
+
+
 class InstanceStore:
-    def __init__(self, api: client.ApiClient):
+    def __init__(self, api: client.ApiClient, guard: Callable[[str], None] = _no_guard):
+        """`guard(what)` runs right before every write and raises to refuse it (the agent's fence)."""
         self.custom = client.CustomObjectsApi(api)
+        self.guard = guard
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -52,6 +59,7 @@ class InstanceStore:
         meta = body["metadata"]
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"]},
                  "status": status.model_dump(mode="json")}
+        self.guard("write status")
         try:
             return await self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch, _content_type=MERGE_PATCH)
@@ -61,6 +69,7 @@ class InstanceStore:
     async def write_finalizers(self, body: dict[str, Any], finalizers: list[str]) -> dict[str, Any]:
         meta = body["metadata"]
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"], "finalizers": finalizers}}
+        self.guard("write finalizers")
         try:
             return await self.custom.patch_namespaced_custom_object(
                 GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch, _content_type=MERGE_PATCH)

@@ -1,17 +1,25 @@
 """The agent's heartbeat: a coordination.k8s.io Lease per node, renewed by the agent holding it.
 
 The holder is the one agent process allowed to act on the node's instances; a second agent
-for the same node waits as a hot standby and takes over when the lease expires. The lease is
-liveness, not safety: every instance write is still a compare-and-swap.
+for the same node waits as a hot standby and takes over once it has seen no renewal for a whole
+lease duration on its own clock (client-go's observedTime: no trust in the holder's clock). The
+holder's side of the fence (stop acting before that can happen) is agent/fence.py with the
+timing rules in core/fencing.py. Every instance write is still a compare-and-swap besides.
 """
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
+
+from ..core.fencing import LeaseTiming, may_take_over
+
+DEFAULT_TIMING = LeaseTiming()
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +65,23 @@ def view(lease: client.V1Lease | None) -> LeaseView:
 
 class NodeLease:
     def __init__(self, api: client.ApiClient, namespace: str, node: str, identity: str,
-                 duration_s: int = 20):
+                 timing: LeaseTiming = DEFAULT_TIMING, clock: Callable[[], float] = time.monotonic):
         self.coordination = client.CoordinationV1Api(api)
-        self.namespace, self.node, self.identity, self.duration_s = namespace, node, identity, duration_s
+        self.namespace, self.node, self.identity, self.timing = namespace, node, identity, timing
+        self.clock = clock
+        self._observed: tuple[object, ...] | None = None  # the other holder's record, as last seen
+        self._observed_at = 0.0
+
+    @property
+    def duration_s(self) -> int:
+        return int(self.timing.duration_s)
+
+    def _unchanged_since(self, lease: client.V1Lease) -> float:
+        """When this agent first saw the Lease's current record (holder, renewal)."""
+        record = (lease.spec.holder_identity, lease.spec.renew_time, lease.metadata.resource_version)
+        if record != self._observed:
+            self._observed, self._observed_at = record, self.clock()
+        return self._observed_at
 
     async def read(self, node: str | None = None) -> client.V1Lease | None:
         try:
@@ -74,7 +96,8 @@ class NodeLease:
         now = datetime.now(UTC)
         lease = await self.read()
         current = view(lease)
-        if current.holder not in (None, self.identity) and not current.expired(now) \
+        if current.holder not in (None, self.identity) \
+                and not may_take_over(self._unchanged_since(lease), self.clock(), self.timing) \
                 and not holder_is_dead_here(current.holder, socket.gethostname()):
             return False
         spec = client.V1LeaseSpec(holder_identity=self.identity, lease_duration_seconds=self.duration_s,

@@ -178,15 +178,45 @@ def _is_connection_error(e: libvirt.libvirtError) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
+class _Guarded:
+    """A libvirt connection or domain whose every method call first runs `guard` (the agent's
+    fence: it raises once this process may no longer act on the node). Domains it returns are
+    guarded too, so no libvirt operation is issued without the check right before it."""
+
+    __slots__ = ("_guard", "_target")
+
+    def __init__(self, target, guard: Callable[[], None]) -> None:
+        self._target, self._guard = target, guard
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self._guard()
+            result = attr(*args, **kwargs)
+            return _Guarded(result, self._guard) if isinstance(result, libvirt.virDomain) else result
+
+        return call
+
+
+def _no_guard() -> None:
+    return None
+
+
 class Hypervisor:
     def __init__(self, uri: str, image_pool: Path, state_dir: Path, domain_type: str = "qemu", *,
-                 poll_interval: float = 0.2) -> None:
+                 poll_interval: float = 0.2, guard: Callable[[], None] = _no_guard) -> None:
+        """`guard` runs right before every libvirt call and disk change; it raises to refuse
+        (the agent passes its fence check)."""
         if domain_type not in ("qemu", "kvm"):
             raise ValueError(f"domain_type must be 'qemu' or 'kvm', got {domain_type!r}")
         self.uri = uri
         self.domain_type = domain_type
         self.images = ImagePool(Path(image_pool), Path(state_dir))
         self.poll_interval = poll_interval
+        self._guard = guard
         self._lock = threading.RLock()
         self._conn: libvirt.virConnect | None = None
         self._callback_ids: list[int] = []
@@ -253,9 +283,10 @@ class Hypervisor:
     def _call(self, what: str, fn: Callable[[libvirt.virConnect], object]):
         """Run fn(conn); on a dropped connection reconnect and retry once (ops are idempotent)."""
         for attempt in (1, 2):
+            self._guard()
             conn = self._connection()
             try:
-                return fn(conn)
+                return fn(_Guarded(conn, self._guard))
             except libvirt.libvirtError as e:
                 alive = False
                 try:
@@ -518,6 +549,7 @@ class Hypervisor:
             if meta is None:
                 meta = InstanceMetadata(namespace=spec.namespace, name=spec.name, uid=uid, node=spec.node,
                                         config="normal", image=spec.image, flavor=flavor)
+            self._guard()  # disks are changed without libvirt: the fence is checked here too
             try:
                 self.images.ensure_instance_dir(uid)
                 if meta.image:
@@ -692,6 +724,7 @@ class Hypervisor:
             if dom.hasManagedSaveImage(0):
                 dom.managedSaveRemove(0)
             if config == "rescue" and meta.image:
+                self._guard()
                 try:
                     self.images.create_rescue_disk(uid, meta.image)
                 except ImageError as e:
@@ -784,6 +817,7 @@ class Hypervisor:
             self._destroy(dom)
             if dom.hasManagedSaveImage(0):
                 dom.managedSaveRemove(0)
+            self._guard()
             try:
                 self.images.delete_rescue_disk(uid)
                 if image:
@@ -817,6 +851,7 @@ class Hypervisor:
                 mark.write_text(name + "\n")  # so that abort_snapshot unpauses after a crash
                 dom.suspend()
                 paused_here = True
+            self._guard()
             try:
                 img = self.images.snapshot(self.images.disk_path(uid), name, source_image=meta.image,
                                            force_share=dom.isActive())
@@ -895,4 +930,5 @@ class Hypervisor:
                         raise
 
         self._call(f"undefine {uid}", fn)
+        self._guard()
         self.images.delete_instance(uid)

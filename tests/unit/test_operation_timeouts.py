@@ -1,0 +1,93 @@
+"""The deadline of each kind of libvirt call an operation makes (Operations._call), with a fake
+hypervisor whose calls block: an operation fails cleanly with LibvirtTimeout, a soft reboot
+gets its wait on top, queries have the shorter deadline."""
+import threading
+import time
+
+import pytest
+
+from novalet.agent.libvirt_calls import LibvirtCalls
+from novalet.agent.operations import LibvirtTimeout, LibvirtTimeouts, OperationError, Operations
+from novalet.virt.hypervisor import HypervisorError
+
+
+@pytest.fixture
+def release():
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+class FakeHypervisor:
+    """Blocks in the calls the test names until released."""
+
+    def __init__(self, release: threading.Event, hang: set[str]):
+        self.release, self.hang, self.calls = release, hang, []
+
+    def _maybe_hang(self, name: str):
+        self.calls.append(name)
+        if name in self.hang:
+            self.release.wait(10)
+
+    def reboot_soft(self, uid, timeout_s):
+        self._maybe_hang("reboot_soft")
+        return True
+
+    def start(self, uid):
+        self._maybe_hang("start")
+
+    def facts(self, uid):
+        self._maybe_hang("facts")
+
+    def pause(self, uid):
+        raise HypervisorError("pause: domain is shut off")
+
+
+def operations(hv, **timeouts) -> Operations:
+    return Operations(hv, object(), "node-a", soft_reboot_timeout=0.3, stop_timeout=0.3,
+                      timeouts=LibvirtTimeouts(**timeouts), calls=LibvirtCalls(threads=2, wait_threads=2))
+
+
+class Inst:
+    class metadata:  # the shape of VirtualInstance.metadata
+        uid = "u1"
+
+
+async def test_an_operation_fails_cleanly_with_the_deadline_in_the_message(release):
+    ops = operations(FakeHypervisor(release, {"start"}), call_s=0.2)
+    with pytest.raises(LibvirtTimeout) as caught:
+        await ops.op_start(Inst)
+    assert isinstance(caught.value, OperationError)  # the task fails like any libvirt error
+    assert str(caught.value) == "libvirt did not answer start within 0.2 s"
+    assert caught.value.what == "start" and caught.value.timeout_s == 0.2
+
+
+async def test_a_soft_reboot_gets_its_own_wait_on_top(release):
+    ops = operations(FakeHypervisor(release, {"reboot_soft"}), call_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(LibvirtTimeout) as caught:
+        await ops.op_reboot_soft(Inst)
+    assert time.monotonic() - started >= 0.5 - 0.01  # call deadline + soft_reboot_timeout
+    assert str(caught.value) == "libvirt did not answer reboot soft within 0.5 s"
+
+
+async def test_queries_have_the_shorter_deadline(release):
+    ops = operations(FakeHypervisor(release, {"facts"}), call_s=5, query_s=0.1)
+    started = time.monotonic()
+    with pytest.raises(LibvirtTimeout, match="facts within 0.1 s"):
+        await ops._query(ops.hv.facts, "u1")
+    assert time.monotonic() - started < 1
+
+
+async def test_libvirt_errors_stay_operation_errors(release):
+    ops = operations(FakeHypervisor(release, set()))
+    with pytest.raises(OperationError, match="domain is shut off") as caught:
+        await ops.op_pause(Inst)
+    assert not isinstance(caught.value, LibvirtTimeout)
+
+
+def test_budgets():
+    timeouts = LibvirtTimeouts(call_s=120, query_s=30)
+    assert timeouts.for_call() == 120 and timeouts.for_call(wait_s=60) == 180
+    with pytest.raises(ValueError):
+        LibvirtTimeouts(call_s=0)
