@@ -47,6 +47,7 @@ class Agent:
         self.fence = Fence(self.timing)
         self.lease_held = asyncio.Event()
         self.activation: asyncio.Task | None = None
+        self.background: list[asyncio.Task] = []
 
     async def start(self) -> None:
         from ..virt.hypervisor import Hypervisor
@@ -101,10 +102,24 @@ class Agent:
                 self.stand_down("another agent holds it" if lost else "renewals failed past the renew deadline")
             await asyncio.sleep(max(0.0, started + retry - self.fence.clock()))
 
-    def stand_down(self, why: str) -> None:
+    async def stop(self) -> None:
+        """A clean stop (SIGTERM): end all work first, then hand the node over at once by
+        releasing the Lease. Nothing is left for kopf to wait on (it gives tasks it did not
+        start 5 s before cancelling them)."""
+        for task in self.background:
+            task.cancel()
+        if self.lease_held.is_set() or self.activation:
+            self.stand_down("the agent is stopping", stopping=True)
+        await asyncio.gather(*self.background, return_exceptions=True)
+        await self.lease.release()
+
+    def stand_down(self, why: str, stopping: bool = False) -> None:
         """Stop acting on the node: every libvirt call and write checks the fence, which now
         refuses; in-flight work is cancelled and never resumes (its tenure is over)."""
-        log.warning("fenced: lost the lease for node %s (%s): standing by", self.node, why)
+        if stopping:
+            log.info("stopping: ending work on node %s, then releasing its Lease", self.node)
+        else:
+            log.warning("fenced: lost the lease for node %s (%s): standing by", self.node, why)
         self.fence.lose()
         self.lease_held.clear()
         if self.activation:
@@ -166,12 +181,12 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
         settings.watching.server_timeout = 300
         settings.networking.error_backoffs = [1, 2, 5]
         await agent.start()
-        asyncio.get_running_loop().create_task(agent.hold_lease())
-        asyncio.get_running_loop().create_task(agent.resync())
+        loop = asyncio.get_running_loop()
+        agent.background = [loop.create_task(agent.hold_lease()), loop.create_task(agent.resync())]
 
     @kopf.on.cleanup(registry=registry)
     async def release(**_: Any) -> None:
-        await agent.lease.release()  # a clean stop hands the node over at once
+        await agent.stop()
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def on_event(body: kopf.Body, type: str | None, **_: Any) -> None:

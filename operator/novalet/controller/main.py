@@ -71,6 +71,7 @@ async def ensure_webhook_configuration(api: client.ApiClient, config: dict[str, 
 def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     register_login(registry)
+    background: list[asyncio.Task] = []
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -88,10 +89,13 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
                 await ensure_webhook_configuration(api, client_config(
                     url, args.webhook_service, args.webhook_port, Path(cert).read_bytes()))
         watch = HeartbeatWatch(api, args.lease_namespace)
-        asyncio.get_running_loop().create_task(watch.run())
+        background.append(asyncio.get_running_loop().create_task(watch.run()))
 
     @kopf.on.cleanup(registry=registry)
     async def remove_webhook(**_: Any) -> None:
+        for task in background:  # kopf would wait 5 s for tasks it did not start
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         if args.webhook_port and args.register_webhook and args.remove_webhook_on_exit:  # a local run
             api = await api_client()
             try:
