@@ -99,9 +99,13 @@ async def test_hard_reboot_same_id_twice_runs_once(instances, agents, libvirt_vi
         await instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "hard-1"})
         await instances.wait_idle("vm", "active", agents=agents, last_id="hard-1")
         # GitOps re-applies the same manifest: same id, nothing new happens
-        await instances.patch_spec("vm", {"action": None})
         await instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "hard-1"})
         await instances.patch_spec("vm", {"powerState": "Running"})  # a spec change to wake the agent
+        # taking it out and putting it back is refused by the apiserver (the id was handled)
+        await instances.patch_spec("vm", {"action": None})
+        with pytest.raises(client.exceptions.ApiException) as refused:
+            await instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "hard-1"})
+        assert refused.value.status == 422 and "already handled" in refused.value.body
         body = await instances.wait_idle("vm", "active", agents=agents, last_id="hard-1")
         await asyncio.sleep(3)  # room for a wrong second reboot to show up
         assert counter.starts == 1
