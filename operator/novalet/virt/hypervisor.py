@@ -489,8 +489,22 @@ class Hypervisor:
         return conn.defineXML(self._domain_xml(meta))
 
     def _start_fresh(self, dom) -> None:
-        if not dom.isActive():
+        """Boot afresh, never from a managed-save image (FORCE_BOOT).
+
+        A driver that refuses the flag (libvirt's test driver answers VIR_ERR_INVALID_ARG,
+        "unsupported flags (0x8)") gets a plain create(), which is the same boot as long as the
+        domain has no managed-save image; with one, the refusal stands (a plain create() would
+        restore the saved guest instead of booting it)."""
+        if dom.isActive():
+            return
+        try:
             dom.createWithFlags(libvirt.VIR_DOMAIN_START_FORCE_BOOT)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
+                raise
+            if dom.hasManagedSaveImage(0):
+                raise
+            dom.create()
 
     # ------------------------------------------------------------------ queries
     def facts(self, uid: str) -> DomainFacts:
