@@ -21,6 +21,7 @@ def _schema(control_plane) -> dict[str, Any]:
 
 def _patch(control_plane, ops: list[dict[str, Any]]) -> None:
     control_plane.kubectl("patch", "crd", CRD, "--type", "json", "-p", json.dumps(ops))
+    control_plane.wait_usable()  # the admission policies' type checker catches up with the schema
 
 
 @contextlib.contextmanager

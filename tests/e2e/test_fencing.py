@@ -51,6 +51,15 @@ async def wait_holder(kube_api, node: str, pid: int, timeout: float = 30) -> Non
     raise AssertionError(f"agent {pid} never took the Lease of {node}: {await lease_holder(kube_api, node)}")
 
 
+async def holder_and_standby(agents, kube_api, node: str, freeze_at: str | None = None, **options):
+    """Two agents for one node: the first holds its Lease (and freezes itself at `freeze_at`, if
+    given), the second stands by."""
+    freeze = {"NOVALET_FREEZE_AT": freeze_at} if freeze_at else None
+    holder = agents.start(node, extra_args=TIMING, extra_env=freeze, **options)
+    await wait_holder(kube_api, node, holder.process.pid)
+    return holder, agents.start(node, extra_args=TIMING, **options)
+
+
 async def event_count(kube_api, namespace: str) -> int:
     events = await client.EventsV1Api(kube_api).list_namespaced_event(namespace)
     return len(events.items)
@@ -81,9 +90,7 @@ async def test_frozen_holder_mid_soft_reboot_is_fenced_when_it_wakes(instances, 
     escalate to hard). Frozen there longer than that, it would wake and reboot hard, a
     second reboot of a guest the standby has already recovered; fenced, it does nothing."""
     node = unique_node()
-    holder = agents.start(node, soft_reboot_timeout=12, extra_args=TIMING)
-    await wait_holder(kube_api, node, holder.process.pid)
-    standby = agents.start(node, soft_reboot_timeout=12, extra_args=TIMING)
+    holder, standby = await holder_and_standby(agents, kube_api, node, soft_reboot_timeout=12)
     await instances.create("vm", {"flavor": FLAVOR, "image": "", "nodeName": node})
     body = await instances.wait_idle("vm", "active", agents=agents)
     events = lv.DomainEvents(libvirt_view, body["metadata"]["uid"])
@@ -113,9 +120,7 @@ async def test_frozen_holder_between_create_steps_is_fenced_and_stands_by(
     spawn): the standby finishes the build; the woken holder spawns nothing, and takes over
     properly (a fresh recovery sweep) when the standby dies in turn."""
     node = unique_node()
-    holder = agents.start(node, extra_args=TIMING, extra_env={"NOVALET_FREEZE_AT": "between_steps@Create"})
-    await wait_holder(kube_api, node, holder.process.pid)
-    standby = agents.start(node, extra_args=TIMING)
+    holder, standby = await holder_and_standby(agents, kube_api, node, freeze_at="between_steps@Create")
     created = await instances.create("vm", {"flavor": FLAVOR, "image": "", "nodeName": node})
     events = lv.DomainEvents(libvirt_view, created["metadata"]["uid"])
     try:
@@ -153,9 +158,7 @@ async def test_frozen_holder_between_its_write_and_the_libvirt_call_is_fenced(
     fence. The standby redoes the reboot (the domain id shows it had not happened); the woken
     holder must not reboot the guest a second time."""
     node = unique_node()
-    holder = agents.start(node, extra_args=TIMING, extra_env={"NOVALET_FREEZE_AT": "after_started@RebootHard"})
-    await wait_holder(kube_api, node, holder.process.pid)
-    standby = agents.start(node, extra_args=TIMING)
+    holder, standby = await holder_and_standby(agents, kube_api, node, freeze_at="after_started@RebootHard")
     await instances.create("vm", {"flavor": FLAVOR, "image": "", "nodeName": node})
     body = await instances.wait_idle("vm", "active", agents=agents)
     events = lv.DomainEvents(libvirt_view, body["metadata"]["uid"])

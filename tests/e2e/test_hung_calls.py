@@ -29,15 +29,21 @@ def thaw(pid: int) -> None:
         pass
 
 
-async def test_delete_does_not_wait_behind_a_hung_pause(instances, agents, libvirt_view, libvirtd):
-    node = unique_node()
-    agents.start(node, extra_args=["--libvirt-timeout", "300"])  # far longer than the test waits
-    await instances.create("vm", {"flavor": FLAVOR, "image": "", "nodeName": node})
+async def pause_a_frozen_guest(instances, agents, libvirtd, *flags: str) -> tuple[str, int]:
+    """A running instance whose QEMU is then frozen, asked to pause: libvirt's call hangs.
+    Returns the instance's uid and the QEMU pid (thaw it in the end)."""
+    agents.start(unique_node(), extra_args=list(flags))
+    await instances.create("vm", {"flavor": FLAVOR, "image": "", "nodeName": agents.started[-1].node})
     body = await instances.wait_idle("vm", "active", agents=agents)
     uid = body["metadata"]["uid"]
     pid = frozen_qemu(libvirtd, uid)
+    await instances.patch_spec("vm", {"powerState": "Paused"})
+    return uid, pid
+
+
+async def test_delete_does_not_wait_behind_a_hung_pause(instances, agents, libvirt_view, libvirtd):
+    uid, pid = await pause_a_frozen_guest(instances, agents, libvirtd, "--libvirt-timeout", "300")
     try:
-        await instances.patch_spec("vm", {"powerState": "Paused"})
         await instances.wait("vm", lambda b: status_of(b).get("taskState") == "pausing",
                              what="the pause under way", agents=agents)
         asked = time.monotonic()
@@ -50,14 +56,9 @@ async def test_delete_does_not_wait_behind_a_hung_pause(instances, agents, libvi
 
 
 async def test_a_hung_call_times_out_and_the_instance_is_not_stuck(instances, agents, libvirt_view, libvirtd):
-    node = unique_node()
-    agents.start(node, extra_args=["--libvirt-timeout", "5", "--backoff-base", "60"])
-    await instances.create("vm", {"flavor": FLAVOR, "image": "", "nodeName": node})
-    body = await instances.wait_idle("vm", "active", agents=agents)
-    uid = body["metadata"]["uid"]
-    pid = frozen_qemu(libvirtd, uid)
+    uid, pid = await pause_a_frozen_guest(instances, agents, libvirtd, "--libvirt-timeout", "5",
+                                          "--backoff-base", "60")
     try:
-        await instances.patch_spec("vm", {"powerState": "Paused"})
         body = await instances.wait("vm", lambda b: (status_of(b).get("lastAction") or {}).get("result") == "Failed",
                                     timeout=40, what="the pause to be given up", agents=agents)
         status = status_of(body)
@@ -76,13 +77,8 @@ async def test_a_hung_call_times_out_and_the_instance_is_not_stuck(instances, ag
 
 
 async def test_an_admin_reset_state_does_not_wait_behind_a_hung_pause(instances, agents, libvirt_view, libvirtd):
-    node = unique_node()
-    agents.start(node, extra_args=["--libvirt-timeout", "300"])
-    await instances.create("vm", {"flavor": FLAVOR, "image": "", "nodeName": node})
-    body = await instances.wait_idle("vm", "active", agents=agents)
-    pid = frozen_qemu(libvirtd, body["metadata"]["uid"])
+    _uid, pid = await pause_a_frozen_guest(instances, agents, libvirtd, "--libvirt-timeout", "300")
     try:
-        await instances.patch_spec("vm", {"powerState": "Paused"})
         await instances.wait("vm", lambda b: status_of(b).get("taskState") == "pausing",
                              what="the pause under way", agents=agents)
         await instances.request("vm", {"name": "ResetState", "id": "reset-1", "state": "error"})  # as admin

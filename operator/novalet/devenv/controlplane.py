@@ -498,6 +498,8 @@ class ControlPlane:
         ])
         self._wait("kube-controller-manager", self._kcm_healthy, max(1.0, deadline - time.monotonic()),
                    "healthy")
+        if self.kubectl("get", "crd", "virtualinstances.novalet.io", check=False).returncode == 0:
+            self.wait_usable(max(1.0, deadline - time.monotonic()))  # a restart: the policies catch up
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop our processes (their process groups): SIGTERM, then SIGKILL after ``timeout``."""
@@ -570,10 +572,10 @@ class ControlPlane:
             if r.returncode == 0:
                 break
             time.sleep(0.5)
-        self._wait_usable(wait)
+        self.wait_usable(wait)
         return files
 
-    def _wait_usable(self, wait: float) -> None:
+    def wait_usable(self, wait: float = 30.0) -> None:
         """Established is not enough once a MutatingAdmissionPolicy matches the new kind: the
         apiserver answers 503 "Resource kind ... not found" until the CRD's schema reaches the
         policy's type converter (seconds, on a fresh apiserver). Wait for a server-side dry-run
