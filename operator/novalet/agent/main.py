@@ -55,7 +55,10 @@ class Agent:
         api = await api_client()
         self.store = InstanceStore(api, guard=self.fence.check)
         events = EventRecorder(api, "novalet.io/agent", self.identity, guard=self.fence.check)
-        self.lease = NodeLease(api, self.args.lease_namespace, self.node, self.identity, self.timing)
+        # the Lease gets a client (and connection pool) of its own: renewals must never queue
+        # behind the node's instance traffic, or a busy agent fences itself
+        self.lease = NodeLease(await api_client(), self.args.lease_namespace, self.node, self.identity,
+                               self.timing)
         uri = self.args.libvirt_uri or os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system"
         kind = self.args.domain_type
         if kind == "auto":  # TCG unless a probe has booted a real guest under KVM
@@ -95,7 +98,7 @@ class Agent:
                 held = False
             if held:
                 self.fence.renewed(started)
-                if not self.lease_held.is_set() and self.activation is None:
+                if not self.lease_held.is_set() and (self.activation is None or self.activation.done()):
                     log.info("holding lease for node %s as %s: recovery sweep", self.node, self.identity)
                     self.activation = asyncio.create_task(self.activate())
             elif (lost or not self.fence.holds()) and (self.lease_held.is_set() or self.activation):
@@ -135,7 +138,7 @@ class Agent:
             try:
                 await self.sweep()
                 break
-            except Fenced:
+            except Fenced:  # the fence lapsed mid-sweep: the next renewal starts a new one
                 return
             except Exception:
                 log.exception("recovery sweep failed; retrying")
