@@ -134,11 +134,7 @@ class Engine:
             return True
         refusal = policy.refusal(request.action, inst.status.vmState or VmState.BUILDING, None)
         if refusal:
-            await self._cas(body, lambda s: transitions.reject(
-                s, request.action.value, request.id, refusal, now(), handled=request.imperative,
-                requested_by=request.requested_by), guard=None)
-            await self.events.emit(body, "Rejected", f"{request.action.value} {request.id}: {refusal}",
-                                   warning=True)
+            await self._reject(body, request, refusal)
             return True
         await self._execute(body, inst, request)
         return True

@@ -6,23 +6,20 @@ recorder does, instead of posted anew.
 """
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from . import WriteGuard, no_guard
+
 log = logging.getLogger(__name__)
-
-
-def _no_guard(what: str) -> None:
-    return None
 
 
 class EventRecorder:
     def __init__(self, api: client.ApiClient, component: str, instance: str,
-                 guard: Callable[[str], None] = _no_guard):
+                 guard: WriteGuard = no_guard):
         """`guard(what)` runs right before every write and raises to refuse it (the agent's fence)."""
         self.events = client.EventsV1Api(api)
         self.component, self.instance, self.guard = component, instance, guard

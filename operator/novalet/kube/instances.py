@@ -4,7 +4,6 @@ Every write carries `metadata.resourceVersion`: the apiserver answers 409 when a
 got there first, and the caller re-reads and decides again. kopf's own patches carry no
 resourceVersion, which is why the agent writes status itself.
 """
-from collections.abc import Callable
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -12,6 +11,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from .. import GROUP, PLURAL, VERSION
 from ..api.models import VirtualInstance, VirtualInstanceStatus
+from . import WriteGuard, no_guard
 
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -32,12 +32,8 @@ def _translate(error: ApiException) -> Exception:
     return error
 
 
-def _no_guard(what: str) -> None:
-    return None
-
-
 class InstanceStore:
-    def __init__(self, api: client.ApiClient, guard: Callable[[str], None] = _no_guard):
+    def __init__(self, api: client.ApiClient, guard: WriteGuard = no_guard):
         """`guard(what)` runs right before every write and raises to refuse it (the agent's fence)."""
         self.custom = client.CustomObjectsApi(api)
         self.guard = guard
