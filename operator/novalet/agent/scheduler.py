@@ -53,8 +53,8 @@ class Scheduler:
         self.kick(namespace, name)
 
     def kick_later(self, key: Key, delay_s: float) -> None:
-        """Look at the instance again after `delay_s` (a failed step's backoff), unless a newer
-        wake-up for it is already set."""
+        """Look at the instance again after `delay_s` (a failed step's backoff); the latest
+        delay replaces a wake-up set before."""
         old = self.wakeups.pop(key, None)
         if old is not None:
             old.cancel()
