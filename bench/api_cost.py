@@ -16,7 +16,7 @@ from collections import Counter
 from common import local_stack, write_result
 from kubernetes_asyncio import client, config, watch
 
-from novalet.devenv.guest import MARKER, build_tiny_image, wait_for_marker
+from novalet_dev.guest import MARKER, build_tiny_image, wait_for_marker
 
 NS = "default"
 WRITES = {"CREATE", "UPDATE", "PATCH", "DELETE", "APPLY"}

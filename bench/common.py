@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from novalet.devenv.controlplane import ControlPlane, find_bin_dir
-from novalet.devenv.libvirtd import Libvirtd, domain_type
+from novalet_dev.controlplane import ControlPlane, find_bin_dir
+from novalet_dev.libvirtd import Libvirtd, domain_type
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -1,1 +1,1 @@
-pytest_plugins = ["novalet.devenv.testing"]
+pytest_plugins = ["novalet_dev.testing"]

@@ -1,6 +1,7 @@
 """The `novalet` command: `run` (the per-node agent), `crd` and `dev ...` (the local stack)."""
 import argparse
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 # The generated manifests and where they are checked in (the chart keeps copies: Helm reads no
@@ -146,9 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     docs_render.add_arguments(docs)
     docs.set_defaults(func=docs_render.run)
 
-    from .devenv.cli import add_dev_commands
-
-    add_dev_commands(sub)
+    for extension in entry_points(group="novalet.commands"):
+        extension.load()(sub)  # e.g. `novalet dev` (novalet_dev): the product never imports it by name
     return parser
 
 

@@ -2,7 +2,7 @@
 import libvirt
 import pytest
 
-from novalet.devenv.testing import TINY  # noqa: F401  (re-exported for the tests)
+from novalet_dev.testing import TINY  # noqa: F401  (re-exported for the tests)
 
 from .harness import Agents, Instances
 

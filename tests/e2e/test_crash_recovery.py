@@ -17,7 +17,7 @@ from kubernetes_asyncio import client
 
 from novalet.core.plans import EXPECTED_POWER, PLANS
 from novalet.core.vocabulary import Action, VmState
-from novalet.devenv.guest import wait_for_marker
+from novalet_dev.guest import wait_for_marker
 from novalet.virt.images import PARTIAL_MARK, ImagePool
 
 from . import libvirt_checks as lv

@@ -6,7 +6,7 @@ import base64
 import pytest
 from kubernetes_asyncio import client
 
-from novalet.devenv.guest import count_markers, wait_for_marker
+from novalet_dev.guest import count_markers, wait_for_marker
 from novalet.virt.images import ImagePool
 
 from . import libvirt_checks as lv

@@ -48,7 +48,7 @@ def domain_name(conn, request):
 
 
 def test_domain_type_is_tcg_unless_probed(libvirt_domain_type, monkeypatch, tmp_path):
-    from novalet.devenv import libvirtd as mod
+    from novalet_dev import libvirtd as mod
 
     assert libvirt_domain_type in ("qemu", "kvm")
     monkeypatch.setenv("NOVALET_CACHE", str(tmp_path))

@@ -17,8 +17,8 @@ import libvirt
 import pytest
 
 from novalet import tls
-from novalet.devenv.controlplane import ControlPlane, find_bin_dir, repo_root
-from novalet.devenv.libvirtd import Libvirtd, LibvirtdError, conf_string
+from novalet_dev.controlplane import ControlPlane, find_bin_dir, repo_root
+from novalet_dev.libvirtd import Libvirtd, LibvirtdError, conf_string
 from novalet.private_files import write_private
 
 pytestmark = pytest.mark.stack
@@ -158,10 +158,10 @@ def test_libvirt_config_strings_are_quoted_or_refused():
 
 
 def test_no_shell_script_in_the_stacks_code():
-    """A static look at devenv/: no shell=True, no [sh, -c, ...], no os.system."""
+    """A static look at novalet_dev/: no shell=True, no [sh, -c, ...], no os.system."""
     root = repo_root()
     offenders = []
-    for path in sorted((root / "operator" / "novalet" / "devenv").glob("*.py")):
+    for path in sorted((root / "operator" / "novalet_dev").glob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.keyword) and node.arg == "shell" and \

@@ -1,6 +1,6 @@
 """Fixtures for the real-libvirt hypervisor tests: a Hypervisor and instances on it.
 
-The private libvirtd and the tiny-guest pool come from novalet.devenv.testing (``libvirt_uri``,
+The private libvirtd and the tiny-guest pool come from novalet_dev.testing (``libvirt_uri``,
 ``libvirt_domain_type``, ``image_pool``).
 A missing prerequisite fails with what to install; these fixtures never skip.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from novalet.devenv.testing import TINY
+from novalet_dev.testing import TINY
 
 
 @pytest.fixture(scope="session")

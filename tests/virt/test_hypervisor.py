@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from novalet.devenv.guest import MARKER, count_markers, wait_for_marker
+from novalet_dev.guest import MARKER, count_markers, wait_for_marker
 from novalet.virt.domain_xml import Flavor
 from novalet.virt.hypervisor import DomainNotFound, Hypervisor, HypervisorError
 
@@ -325,7 +325,7 @@ def test_unknown_instance(hv):
 def test_kvm_probe_answers_and_cleans_up(libvirt_uri):
     import libvirt
 
-    from novalet.devenv.guest import probe_kvm
+    from novalet_dev.guest import probe_kvm
 
     t0 = time.monotonic()
     result = probe_kvm(libvirt_uri, timeout=20)

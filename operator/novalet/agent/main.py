@@ -22,6 +22,7 @@ from ..kube.client import api_client, register_login
 from ..kube.events import EventRecorder
 from ..kube.instances import InstanceStore
 from ..kube.lease import NodeLease
+from ..virt.kvm import domain_type
 from .engine import Engine
 from .fence import Fence, Fenced
 from .libvirt_calls import LibvirtCalls
@@ -62,7 +63,6 @@ class Agent:
         uri = self.args.libvirt_uri or os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system"
         kind = self.args.domain_type
         if kind == "auto":  # TCG unless a probe has booted a real guest under KVM
-            from ..devenv.libvirtd import domain_type
             kind = domain_type()
         hypervisor = await asyncio.to_thread(
             Hypervisor, uri, self.args.image_pool, self.args.state_dir, kind, guard=self.fence.check)

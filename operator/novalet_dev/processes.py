@@ -5,13 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
-def cache_root() -> Path:
-    """The user cache for novalet (same rule as hack/build-controlplane.sh)."""
-    if os.environ.get("NOVALET_CACHE"):
-        return Path(os.environ["NOVALET_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "novalet"
+from novalet.virt.kvm import cache_root  # noqa: F401 - one rule for the product and the stack
 
 
 def log_tail(path: Path, lines: int = 30) -> str:

@@ -1,9 +1,9 @@
 """The local development and test stack: a real Kubernetes control plane and a private libvirtd.
 
-- :mod:`novalet.devenv.controlplane`: etcd + kube-apiserver + kube-controller-manager on loopback.
-- :mod:`novalet.devenv.libvirtd`: a private libvirtd (QEMU driver) and :func:`domain_type`.
-- :mod:`novalet.devenv.cli`: ``novalet dev up|down|status|env``.
-- :mod:`novalet.devenv.testing`: pytest fixtures over the same code.
+- :mod:`novalet_dev.controlplane`: etcd + kube-apiserver + kube-controller-manager on loopback.
+- :mod:`novalet_dev.libvirtd`: a private libvirtd (QEMU driver) and :func:`domain_type`.
+- :mod:`novalet_dev.cli`: ``novalet dev up|down|status|env``.
+- :mod:`novalet_dev.testing`: pytest fixtures over the same code.
 """
 
 from .controlplane import ControlPlane, ControlPlaneError, find_bin_dir

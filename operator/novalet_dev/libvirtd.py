@@ -56,7 +56,9 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from .processes import cache_root, log_tail, pid_alive, proc_cmdline
+from novalet.virt.kvm import cache_root, domain_type, kvm_probe_file
+
+from .processes import log_tail, pid_alive, proc_cmdline
 
 __all__ = [
     "Libvirtd",
@@ -97,11 +99,6 @@ def conf_string(value: str | os.PathLike) -> str:
     return f"'{text}'" if '"' in text else f'"{text}"'
 
 
-def kvm_probe_file() -> Path:
-    """Where a KVM boot probe records its result (JSON: {"kvm_boots": bool, ...})."""
-    return cache_root() / "kvm-probe.json"
-
-
 def record_kvm_probe(kvm_boots: bool, **detail) -> Path:
     """Record whether a real guest finished booting under KVM on this machine."""
     path = kvm_probe_file()
@@ -110,23 +107,6 @@ def record_kvm_probe(kvm_boots: bool, **detail) -> Path:
     tmp.write_text(json.dumps({"kvm_boots": bool(kvm_boots), "time": time.time(), **detail}))
     tmp.replace(path)
     return path
-
-
-def domain_type() -> str:
-    """The libvirt domain type to use: "kvm" only when proven, else "qemu" (TCG).
-
-    /dev/kvm alone proves nothing (on these machines it is a software nested mode where real
-    guests never finish booting). "kvm" only if NOVALET_DOMAIN_TYPE=kvm or the probe file says a
-    guest booted under KVM. NOVALET_DOMAIN_TYPE=qemu forces TCG.
-    """
-    forced = os.environ.get("NOVALET_DOMAIN_TYPE", "").strip().lower()
-    if forced in ("kvm", "qemu"):
-        return forced
-    try:
-        result = json.loads(kvm_probe_file().read_text())
-    except (OSError, ValueError):
-        return "qemu"
-    return "kvm" if isinstance(result, dict) and result.get("kvm_boots") is True else "qemu"
 
 
 def ensure_libvirt_qemu_user() -> None:

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..private_files import private_dir, write_private
+from novalet.private_files import private_dir, write_private
 from .processes import log_tail, pid_alive, proc_cmdline
 
 __all__ = ["TOOLS", "ControlPlane", "ControlPlaneError", "find_bin_dir", "repo_root"]

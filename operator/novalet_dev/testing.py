@@ -1,4 +1,4 @@
-"""pytest fixtures over the real local stack (load with ``pytest_plugins = ["novalet.devenv.testing"]``).
+"""pytest fixtures over the real local stack (load with ``pytest_plugins = ["novalet_dev.testing"]``).
 
 Session-scoped: one control plane (``control_plane``) and one private libvirtd (``libvirtd``,
 ``libvirt_uri``) per test session, in a temporary directory, stopped at session end; the CRDs
@@ -99,7 +99,7 @@ def libvirt_uri(libvirtd) -> str:
 
 @pytest.fixture(scope="session")
 def libvirt_domain_type() -> str:
-    """"qemu" (TCG) unless a probe proved KVM boots guests here (see novalet.devenv.libvirtd)."""
+    """"qemu" (TCG) unless a probe proved KVM boots guests here (see novalet_dev.libvirtd)."""
     return domain_type()
 
 

@@ -44,7 +44,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..virt.images import link_or_copy
+from novalet.virt.images import link_or_copy
 from . import processes
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class GuestArtifacts:
 
 
 def cache_root() -> Path:
-    """``<novalet cache>/guest`` (see :func:`novalet.devenv.processes.cache_root`)."""
+    """``<novalet cache>/guest`` (see :func:`novalet_dev.processes.cache_root`)."""
     return processes.cache_root() / "guest"
 
 
@@ -403,12 +403,12 @@ def probe_kvm(uri: str, timeout: float = 20.0, *, record: bool = False) -> bool:
 
     /dev/kvm may exist and a diskless domain may "run" while a real kernel never finishes booting
     (software nested KVM), so only a real boot counts. Any failure reports False. With
-    ``record=True`` the result goes to ``novalet.devenv.libvirtd.record_kvm_probe`` (which
+    ``record=True`` the result goes to ``novalet_dev.libvirtd.record_kvm_probe`` (which
     ``domain_type()`` reads).
     """
     result, detail = _probe_kvm(uri, timeout)
     if record:
-        from novalet.devenv.libvirtd import record_kvm_probe
+        from novalet_dev.libvirtd import record_kvm_probe
 
         record_kvm_probe(result, detail=detail, timeout_s=timeout)
     return result
@@ -456,13 +456,13 @@ def _probe_kvm(uri: str, timeout: float) -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m novalet.devenv.guest [--pool DIR [--name NAME]] [--probe-kvm URI [--record]]``.
+    """``python -m novalet_dev.guest [--pool DIR [--name NAME]] [--probe-kvm URI [--record]]``.
 
     Builds (and caches) the tiny guest; optionally installs it into a pool and runs the KVM probe.
     """
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m novalet.devenv.guest", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m novalet_dev.guest", description=main.__doc__)
     ap.add_argument("--pool", type=Path, help="write <name>.qcow2/.kernel/.initrd/.cmdline into this pool")
     ap.add_argument("--name", default="tiny")
     ap.add_argument("--probe-kvm", metavar="URI", help="boot the tiny guest under KVM through this libvirt URI")
