@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from novalet.private_files import private_dir, write_private
+
 from .processes import log_tail, pid_alive, proc_cmdline
 
 __all__ = ["TOOLS", "ControlPlane", "ControlPlaneError", "find_bin_dir", "repo_root"]

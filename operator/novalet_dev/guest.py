@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from novalet.virt.images import link_or_copy
+
 from . import processes
 
 log = logging.getLogger(__name__)

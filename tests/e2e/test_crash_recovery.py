@@ -17,8 +17,8 @@ from kubernetes_asyncio import client
 
 from novalet.core.plans import EXPECTED_POWER, PLANS
 from novalet.core.vocabulary import Action, VmState
-from novalet_dev.guest import wait_for_marker
 from novalet.virt.images import PARTIAL_MARK, ImagePool
+from novalet_dev.guest import wait_for_marker
 
 from . import libvirt_checks as lv
 from .conftest import TINY

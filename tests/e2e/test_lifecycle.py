@@ -6,8 +6,8 @@ import base64
 import pytest
 from kubernetes_asyncio import client
 
-from novalet_dev.guest import count_markers, wait_for_marker
 from novalet.virt.images import ImagePool
+from novalet_dev.guest import count_markers, wait_for_marker
 
 from . import libvirt_checks as lv
 from .conftest import TINY

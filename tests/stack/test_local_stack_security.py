@@ -17,9 +17,9 @@ import libvirt
 import pytest
 
 from novalet import tls
+from novalet.private_files import write_private
 from novalet_dev.controlplane import ControlPlane, find_bin_dir, repo_root
 from novalet_dev.libvirtd import Libvirtd, LibvirtdError, conf_string
-from novalet.private_files import write_private
 
 pytestmark = pytest.mark.stack
 HOSTILE = "a b $(touch PWNED) `touch PWNED` it's"

@@ -30,7 +30,7 @@ def imports_of(path: Path, package: str) -> set[str]:
 def modules(root: Path):
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(OPERATOR).with_suffix("")
-        package = ".".join(rel.parts[:-1]) if rel.name != "__init__" else ".".join(rel.parts[:-1])
+        package = ".".join(rel.parts[:-1])  # a module and its package's __init__ resolve alike
         yield path, package
 
 

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from novalet_dev.guest import MARKER, count_markers, wait_for_marker
 from novalet.virt.domain_xml import Flavor
 from novalet.virt.hypervisor import DomainNotFound, Hypervisor, HypervisorError
+from novalet_dev.guest import MARKER, count_markers, wait_for_marker
 
 pytestmark = pytest.mark.stack
 
