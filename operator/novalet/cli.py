@@ -62,6 +62,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="novalet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,11 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "nothing is reaped, a Warning Event on the node's Lease says why")
     run.add_argument("--libvirt-timeout", type=_positive, default=120.0,
                      help="seconds a libvirt operation may take before its task fails (a soft reboot or "
-                          "graceful stop gets its own wait on top)")
+                          "resize's graceful power-off gets its own wait on top)")
     run.add_argument("--libvirt-query-timeout", type=_positive, default=30.0,
                      help="seconds a libvirt query (a domain's state, the domain list) may take")
     run.add_argument("--libvirt-threads", type=int, default=16,
                      help="threads for libvirt calls (waits on guests have a pool of their own)")
+    run.add_argument("--workers", type=_positive_int, default=16,
+                     help="instances reconciled at once (the work queue's workers; default 16: the "
+                          "apiserver's conditional writes saturate near 16 writers, docs/benchmarks.md)")
     run.add_argument("--verbose", action="store_true")
     run.set_defaults(func=_run)
 

@@ -6,12 +6,12 @@ recovery table calls `recover()` on representative libvirt facts and prints what
 """
 import argparse
 import sys
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from .api.models import CurrentTask
 from .core import plans, policy, recovery
+from .core.facts import Facts
 from .core.vocabulary import Action, PowerState, TaskState, VmState
 
 DEFAULT_OUTPUT = "docs/lifecycle-tables.md"
@@ -81,43 +81,33 @@ def plan_table() -> str:
 
 # --- recovery -------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Facts:
-    exists: bool = True
-    power_state: PowerState | None = PowerState.RUNNING
-    config: str | None = "normal"
-    issued: str | None = None
-    has_managed_save: bool = False
-    domain_id: int | None = None
-
-
 _TASK_ID = "t"
 _DOMAIN_ID = 1  # the domain id recorded when the task's step began
 _NOW = datetime(2000, 1, 1, tzinfo=UTC)
 
 
-def _fact_cases(task_state: TaskState) -> list[tuple[str, _Facts]]:
-    cases = [("running", _Facts(domain_id=_DOMAIN_ID))]
+def _fact_cases(task_state: TaskState) -> list[tuple[str, Facts]]:
+    cases = [("running", Facts(domain_id=_DOMAIN_ID))]
     try:
         plan, index = plans.task_owner(task_state)
         op = plan.steps[index].op
     except KeyError:
         op = None
     if op is not None:
-        cases.append((f"running, `{op}` journaled", _Facts(issued=f"{_TASK_ID}:{op}")))
-    cases.append(("running, restarted since the step began", _Facts(domain_id=_DOMAIN_ID + 1)))
+        cases.append((f"running, `{op}` journaled", Facts(issued=f"{_TASK_ID}:{op}")))
+    cases.append(("running, restarted since the step began", Facts(domain_id=_DOMAIN_ID + 1)))
     cases += [
-        ("running in rescue config", _Facts(config="rescue")),
-        ("paused", _Facts(power_state=PowerState.PAUSED)),
-        ("shut off", _Facts(power_state=PowerState.SHUTOFF)),
-        ("shut off with managed save", _Facts(power_state=PowerState.SHUTOFF, has_managed_save=True)),
-        ("crashed", _Facts(power_state=PowerState.CRASHED)),
-        ("not defined", _Facts(exists=False, power_state=None, config=None)),
+        ("running in rescue config", Facts(config="rescue")),
+        ("paused", Facts(power_state=PowerState.PAUSED)),
+        ("shut off", Facts(power_state=PowerState.SHUTOFF)),
+        ("shut off with managed save", Facts(power_state=PowerState.SHUTOFF, has_managed_save=True)),
+        ("crashed", Facts(power_state=PowerState.CRASHED)),
+        ("not defined", Facts(exists=False, power_state=None, config=None)),
     ]
     return cases
 
 
-def _describe(task_state: TaskState, facts: _Facts) -> str:
+def _describe(task_state: TaskState, facts: Facts) -> str:
     probes = (VmState.PAUSED, VmState.STOPPED)
     results = [recovery.recover(CurrentTask(name="probe", id=_TASK_ID, taskState=task_state,
                                             originVmState=origin, owner="docs", startedAt=_NOW,

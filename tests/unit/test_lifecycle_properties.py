@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from novalet.api.models import CurrentTask
 from novalet.core import plans, policy
+from novalet.core.facts import Facts
 from novalet.core.plans import PLANS, STABLE_VM_STATES, final_vm_state, plan_of, task_owner
 from novalet.core.recovery import Recovery, recover
 from novalet.core.vocabulary import Action, PowerState, TaskState, VmState
@@ -158,16 +159,6 @@ def test_active_is_reachable_from_every_state_but_deleted():
 # --- recovery ------------------------------------------------------------------------------------
 
 KINDS = {"redo", "finish", "abandon", "revert", "error"}
-
-
-@dataclass
-class Facts:
-    exists: bool
-    power_state: PowerState | None
-    config: str | None
-    issued: str | None
-    has_managed_save: bool
-    domain_id: int | None = None
 
 
 def origins_for(state: TaskState) -> list[VmState]:

@@ -1,6 +1,7 @@
 """The deadline of each kind of libvirt call an operation makes (Operations._call), with a fake
-hypervisor whose calls block: an operation fails cleanly with LibvirtTimeout, a soft reboot
-gets its wait on top, queries have the shorter deadline."""
+hypervisor whose calls block: an operation fails cleanly with LibvirtTimeout, a resize's
+power-off gets its wait on top, pressing a guest's ACPI button does not, queries have the
+shorter deadline."""
 import threading
 import time
 
@@ -29,9 +30,13 @@ class FakeHypervisor:
         if name in self.hang:
             self.release.wait(10)
 
-    def reboot_soft(self, uid, timeout_s):
-        self._maybe_hang("reboot_soft")
+    def stop(self, uid, graceful, timeout_s):
+        self._maybe_hang("stop")
         return True
+
+    def press_reboot(self, uid):
+        self._maybe_hang("press_reboot")
+        return 0
 
     def start(self, uid):
         self._maybe_hang("start")
@@ -52,6 +57,9 @@ class Inst:
     class metadata:  # the shape of VirtualInstance.metadata
         uid = "u1"
 
+    class status:
+        currentTask = None
+
 
 async def test_an_operation_fails_cleanly_with_the_deadline_in_the_message(release):
     ops = operations(FakeHypervisor(release, {"start"}), call_s=0.2)
@@ -62,13 +70,20 @@ async def test_an_operation_fails_cleanly_with_the_deadline_in_the_message(relea
     assert caught.value.what == "start" and caught.value.timeout_s == 0.2
 
 
-async def test_a_soft_reboot_gets_its_own_wait_on_top(release):
-    ops = operations(FakeHypervisor(release, {"reboot_soft"}), call_s=0.2)
-    started = time.monotonic()
+async def test_a_resize_power_off_gets_its_own_wait_on_top(release):
+    ops = operations(FakeHypervisor(release, {"stop"}), call_s=0.2)
     with pytest.raises(LibvirtTimeout) as caught:
-        await ops.op_reboot_soft(Inst)
-    assert time.monotonic() - started >= 0.5 - 0.01  # call deadline + soft_reboot_timeout
-    assert str(caught.value) == "libvirt did not answer reboot soft within 0.5 s"
+        await ops.op_resize_power_off(Inst)
+    assert str(caught.value) == "libvirt did not answer stop within 0.5 s"  # call deadline + stop_timeout
+
+
+async def test_pressing_the_reboot_button_has_no_wait_on_top(release):
+    """The soft reboot's wait is the engine's deadline, not a call's: the press itself is an
+    ordinary call with an ordinary deadline."""
+    ops = operations(FakeHypervisor(release, {"press_reboot"}), call_s=0.2)
+    with pytest.raises(LibvirtTimeout) as caught:
+        await ops.press("reboot_soft", Inst)
+    assert str(caught.value) == "libvirt did not answer press reboot within 0.2 s"
 
 
 async def test_queries_have_the_shorter_deadline(release):

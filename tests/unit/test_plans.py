@@ -132,3 +132,26 @@ def test_expected_power_covers_the_resting_states_a_domain_runs_in():
     for vm in (V.ACTIVE, V.RESCUED, V.PAUSED, V.STOPPED, V.SUSPENDED):
         assert plans.EXPECTED_POWER[vm]
     assert V.BUILDING not in STABLE_VM_STATES
+
+
+def test_a_waiting_operation_is_the_last_operation_of_its_plan():
+    """The agent ends the task when the wait ends: no step may follow a wait."""
+    from novalet.core.waits import WAITING_OPS
+
+    for plan in PLANS.values():
+        ops = [step.op for step in plan.steps if step.op]
+        assert all(op not in WAITING_OPS for op in ops[:-1]), plan.action
+    assert WAITING_OPS <= {step.op for plan in PLANS.values() for step in plan.steps}
+
+
+def test_every_operation_the_plans_and_recovery_name_is_one_the_agent_runs():
+    """An Op is an enum member the agent maps to a handler, not a string looked up by name."""
+    from novalet.agent.operations import Operations
+    from novalet.core.vocabulary import Op
+    from novalet.core.waits import WAITING_OPS
+
+    handled = set(Operations(object(), object(), "n", 1.0).handlers())
+    named = {step.op for plan in PLANS.values() for step in plan.steps if step.op}
+    assert named <= handled | WAITING_OPS
+    assert handled | WAITING_OPS == set(Op)  # no handler without a name, no name without a handler
+    assert not handled & WAITING_OPS  # a wait is pressed, never run in a thread

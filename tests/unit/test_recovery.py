@@ -1,11 +1,11 @@
 """The recovery table (DESIGN.md section 2), row by row, with fake libvirt facts."""
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
 
 from novalet.api.models import CurrentTask
 from novalet.core import recovery
+from novalet.core.facts import MISSING, Facts
 from novalet.core.plans import PLANS
 from novalet.core.recovery import Recovery, recover
 from novalet.core.vocabulary import Action, PowerState, TaskState, VmState
@@ -14,19 +14,8 @@ A, T, V, P = Action, TaskState, VmState, PowerState
 NOW = datetime(2024, 1, 1, tzinfo=UTC)
 
 
-@dataclass
-class Facts:
-    exists: bool = True
-    power_state: PowerState | None = P.RUNNING
-    config: str | None = "normal"
-    issued: str | None = None
-    has_managed_save: bool = False
-    domain_id: int | None = None
-
-
 RUNNING = Facts()
 OFF = Facts(power_state=P.SHUTOFF)
-MISSING = Facts(exists=False, power_state=None, config=None)
 
 
 def task(state: TaskState, origin: VmState = V.ACTIVE, id: str = "t1", **kw) -> CurrentTask:

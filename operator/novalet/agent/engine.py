@@ -1,25 +1,27 @@
 """The engine: per instance, decide with the core, act through libvirt, record through CAS.
 
-One asyncio lock per instance serializes this process; the compare-and-swap status writes
-serialize processes. A 409 means someone else wrote: re-read and decide again.
+`reconcile` makes one decision about one instance and returns when to look at it again; the
+agent's work queue (agent/workqueue.py) never runs two reconciles of one instance at once, and
+the compare-and-swap status writes serialize processes. A 409 means someone else wrote: the
+next look reads afresh and decides again. A task's steps run within one decision, except a
+wait on the guest (a soft reboot, an ACPI stop): that is a deadline in `currentTask`, and the
+instance is looked at again when libvirt reports the guest's answer or the deadline comes.
 """
-import asyncio
 import logging
-from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .. import FINALIZER
-from ..api.models import Condition, InstanceLock, VirtualInstance, VirtualInstanceStatus
+from ..api.models import InstanceLock, VirtualInstance, VirtualInstanceStatus
 from ..api.policies import REQUESTED_BY
-from ..core import authorization, backoff, policy, recovery, transitions
+from ..core import authorization, backoff, conditions, policy, recovery, transitions, waits
 from ..core.backoff import BackoffPolicy
 from ..core.desire import Request, next_request, preempts_running_task, supersedes_running_task
 from ..core.plans import BOOKKEEPING, ESCALATE_TO_HARD, Plan, plan_of
 from ..core.transitions import DEFAULT_BACKOFF
-from ..core.vocabulary import Action, VmState
+from ..core.vocabulary import Action, Op, PowerState, VmState
 from ..kube.events import EventRecorder
 from ..kube.instances import Conflict, Gone, InstanceStore, parse
 from .crashpoints import crash_if
@@ -27,7 +29,7 @@ from .operations import OperationError, Operations
 
 log = logging.getLogger(__name__)
 A = Action
-MAX_ROUNDS = 32
+OFF = frozenset({PowerState.SHUTOFF, PowerState.SHUTDOWN, PowerState.CRASHED})
 
 
 class LostTask(Exception):
@@ -38,18 +40,26 @@ def now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+@dataclass(frozen=True)
+class Wait:
+    """A guest this process asked to act (the button pressed in this tenure), and until when."""
+
+    task_id: str
+    op: Op
+    baseline: int        # soft reboot: the guest's resets libvirt had reported before the press
+    deadline: datetime
+    message: str         # what the task's record says so far (e.g. "redone after an agent restart")
+
+
 def _key(body: dict[str, Any]) -> tuple[str, str]:
     return body["metadata"]["namespace"], body["metadata"]["name"]
 
 
 def _with_agent_ready(status: VirtualInstanceStatus, node: str) -> VirtualInstanceStatus:
-    old = next((c for c in status.conditions if c.type == "HostAgentReady"), None)
-    if old and old.status == "True":
+    if (old := conditions.find(status, "HostAgentReady")) and old.status == "True":
         return status
-    ready = Condition(type="HostAgentReady", status="True", reason="AgentAlive",
-                      message=f"agent on node {node} is handling this instance", lastTransitionTime=now())
-    others = [c for c in status.conditions if c.type != "HostAgentReady"]
-    return status.model_copy(update={"conditions": [*others, ready]})
+    return conditions.set_condition(status, "HostAgentReady", True, "AgentAlive",
+                                    f"agent on node {node} is handling this instance", now())
 
 
 class Engine:
@@ -58,9 +68,7 @@ class Engine:
         self.store, self.events, self.ops = store, events, ops
         self.backoff_policy = backoff_policy
         self.node, self.owner = node, owner
-        self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._changes: dict[tuple[str, str], asyncio.Event] = {}
-        self._latest: dict[tuple[str, str], dict[str, Any]] = {}
+        self._waits: dict[str, Wait] = {}  # uid -> the wait this tenure started
 
     # ---- placement -------------------------------------------------------------------
     def is_mine(self, inst: VirtualInstance) -> bool:
@@ -77,67 +85,78 @@ class Engine:
         return self.is_mine(inst) and preempts_running_task(
             inst.spec, inst.status, inst.metadata.deletionTimestamp is not None) is not None
 
-    # ---- the loop ----------------------------------------------------------------------
+    # ---- one decision ------------------------------------------------------------------
     async def reconcile(self, namespace: str, name: str) -> float | None:
-        """Bring one instance toward its spec. Returns the seconds after which it wants to be
-        looked at again (a failed step's backoff), or None."""
-        async with self._locks[(namespace, name)]:
-            for _ in range(MAX_ROUNDS):
-                body = await self.store.get(namespace, name)
-                if body is None:
-                    return None
-                try:
-                    if not await self._round(body):
-                        return self._requeue_after(body)
-                except (Conflict, LostTask) as why:
-                    log.info("%s/%s: %s; re-reading", namespace, name, type(why).__name__)
-                except Gone:
-                    return None
-            log.warning("%s/%s: still changing after %d rounds", namespace, name, MAX_ROUNDS)
+        """Make one decision about one instance. Returns the seconds after which it wants to be
+        looked at again (0: at once, it changed something; a wait's next look; a failed step's
+        backoff), or None: only an event brings it back."""
+        body = await self.store.read(namespace, name)
+        if body is None:
             return None
+        try:
+            again = await self._round(body)
+        except (Conflict, LostTask) as why:
+            log.info("%s/%s: %s; looking again", namespace, name, type(why).__name__)
+            self.store.forget(namespace, name)  # the next look reads afresh
+            return 0.0
+        except Gone:
+            return None
+        return again if again is not None else self._requeue_after(body)
 
     def _requeue_after(self, body: dict[str, Any]) -> float | None:
+        """A failed step's backoff: when it may be tried again."""
         status = parse(body).status
         return backoff.waiting(status, status.backoff.request, now()) if status.backoff else None
 
-    async def _round(self, body: dict[str, Any]) -> bool:
-        """One decision. True when it changed something and the next round may have work."""
+    def forget_waits(self) -> None:
+        """The tenure ended: a new one recovers every task on record (the table decides)."""
+        self._waits.clear()
+
+    def forget(self, uid: str) -> None:
+        self._waits.pop(uid, None)
+
+    async def _round(self, body: dict[str, Any]) -> float | None:
+        """One decision: 0 when it changed something (look again at once), a wait's next look,
+        or None when there is nothing to do."""
         inst = parse(body)
         if not self.is_mine(inst):
-            return False
+            return None
         if inst.status.node != self.node:
             await self._claim(body, inst)
-            return True
+            return 0.0
         deleting = inst.metadata.deletionTimestamp is not None
-        if inst.status.currentTask is not None:
+        task = inst.status.currentTask
+        if task is not None:
             preempted_by = preempts_running_task(inst.spec, inst.status, deleting)
+            wait = self._waits.get(inst.metadata.uid)
             if preempted_by:
                 await self._preempt(body, inst, preempted_by)
-            else:
-                await self._recover(body, inst)
-            return True
+                return 0.0
+            if wait is not None and wait.task_id == task.id and task.owner == self.owner:
+                return await self._look_at_wait(body, inst, wait)
+            return await self._recover(body, inst)
+        self.forget(inst.metadata.uid)
         finalizers = inst.metadata.finalizers
         if deleting and FINALIZER not in finalizers:
-            return False
+            return None
         if not deleting and FINALIZER not in finalizers:
             await self.store.write_finalizers(body, [*finalizers, FINALIZER])
-            return True
+            return 0.0
         request = next_request(inst.spec, inst.status, inst.metadata.generation or 0, deleting, now())
         if request is None:
-            return await self._sync(body, inst)
+            return 0.0 if await self._sync(body, inst) else None
         request, refusal = await self._vouch(inst, request)
         if refusal:
             await self._reject(body, request, refusal)
-            return True
+            return 0.0
         if request.action in BOOKKEEPING:
             await self._bookkeeping(body, inst, request)
-            return True
+            return 0.0
         refusal = policy.refusal(request.action, inst.status.vmState or VmState.BUILDING, None)
         if refusal:
             await self._reject(body, request, refusal)
-            return True
-        await self._execute(body, inst, request)
-        return True
+            return 0.0
+        return await self._execute(body, inst, request)
 
     # ---- writes ----------------------------------------------------------------------
     async def _cas(self, body: dict[str, Any], mutate: Callable[[VirtualInstanceStatus], VirtualInstanceStatus],
@@ -170,7 +189,7 @@ class Engine:
             update={"node": self.node, "domainUUID": inst.metadata.uid}), guard=None)
 
     # ---- carrying out a plan ---------------------------------------------------------
-    async def _execute(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> None:
+    async def _execute(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> float | None:
         plan = plan_of(request.action)
         facts = await self.ops.facts(inst)
         target_flavor = inst.spec.flavor if request.action in (A.CREATE, A.RESIZE) else None
@@ -181,85 +200,110 @@ class Engine:
         await self.events.emit(body, "Started", f"{request.action.value} {request.id}: "
                                                 f"{plan.steps[0].task_state.value}")
         crash_if("after_claim", request.action.value)
-        await self._run_steps(body, plan, from_step=0)
+        return await self._run_steps(body, plan, from_step=0)
 
     async def _run_steps(self, body: dict[str, Any], plan: Plan, from_step: int,
-                         escalated: bool = False, note: str = "") -> None:
+                         escalated: bool = False, note: str = "") -> float | None:
+        """Run the plan's steps from `from_step`, each after its task state is on record. A step
+        that waits on the guest ends this decision: the instance is looked at again later."""
         task = parse(body).status.currentTask
         guard = self._task_guard(task.id)
         ops_left = [s for s in plan.steps[from_step:] if s.op]
-        message = note
         try:
             for index, step in enumerate(plan.steps[from_step:], start=from_step):
                 current = parse(body)
                 if current.status.taskState != step.task_state:
                     facts = await self.ops.facts(current)
                     body = await self._cas(body, lambda s, st=step, f=facts: transitions.advance(
-                        s, st, now(), domain_id=f.domain_id, escalated=escalated or None), guard)
+                        s, st, now(), domain_id=f.domain_id, escalated=escalated or None,
+                        wait_s=self.ops.wait_s(st.op)), guard)
                 if step.op is None:
                     continue
                 crash_if("after_started", plan.action.value)
-                if step.op == "reboot_soft":
-                    outcome, superseded_by = await self._soft_reboot(body)
-                    if superseded_by:
-                        await self._end(body, plan, succeeded=False,
-                                        message=f"superseded by hard reboot {superseded_by}")
-                        return
-                else:
-                    outcome = await self.ops.run(step.op, parse(body))
-                if outcome is False and step.op == "reboot_soft":
-                    body, escalation = await self._escalate(body, guard)
-                    message = "; ".join(filter(None, (message, escalation)))
+                if step.op in waits.WAITING_OPS:
+                    return await self._press(body, plan, step.op, guard, note)
+                await self.ops.run(step.op, parse(body))
                 ops_left.pop(0)
                 crash_if("between_steps" if ops_left else "after_call", plan.action.value)
         except OperationError as error:
             await self._end(body, plan, succeeded=False, message="; ".join(filter(None, (note, str(error)))))
-            return
-        await self._end(body, plan, succeeded=True, message=message)
+            return 0.0
+        await self._end(body, plan, succeeded=True, message=note)
+        return 0.0
 
-    def notify(self, body: dict[str, Any]) -> None:
-        """The object changed (a watch event): a soft reboot that waits looks at it, in case a
-        hard reboot came to supersede it."""
-        key = _key(body)
-        if key in self._changes:
-            self._latest[key] = body
-            self._changes[key].set()
+    # ---- waiting on the guest (core/waits.py) ------------------------------------------
+    async def _press(self, body: dict[str, Any], plan: Plan, op: Op, guard, note: str) -> float | None:
+        """Ask the guest (ACPI) and return: the wait is a deadline, not a blocked thread. A task
+        recovered past its deadline is not asked again: it escalates (or is forced) at once."""
+        inst = parse(body)
+        task = inst.status.currentTask
+        deadline = task.deadline or now() + timedelta(seconds=self.ops.wait_s(op) or 0)
+        if datetime.now(UTC) >= deadline:
+            return await self._wait_ended(body, inst, Wait(task.id, op, 0, deadline, note), "expired")
+        baseline = await self.ops.press(op, inst)
+        if baseline is None:  # nothing to wait for: a guest that is not running, or already off
+            if op == Op.REBOOT_SOFT:
+                body, escalation = await self._escalate(body, guard, "the guest was not running")
+                note = "; ".join(filter(None, (note, escalation)))
+            crash_if("after_call", plan.action.value)
+            await self._end(body, plan, succeeded=True, message=note)
+            return 0.0
+        wait = self._waits[inst.metadata.uid] = Wait(task.id, op, baseline, deadline, note)
+        return await self._look_at_wait(body, inst, wait)
 
-    async def _soft_reboot(self, body: dict[str, Any]) -> tuple[bool | None, str | None]:
-        """Wait for the guest's soft reboot, unless a hard reboot request supersedes it."""
-        key = _key(body)
-        changed = self._changes[key] = asyncio.Event()
-        reboot = asyncio.ensure_future(self.ops.run("reboot_soft", parse(body)))
+    async def _look_at_wait(self, body: dict[str, Any], inst: VirtualInstance, wait: Wait) -> float | None:
+        """Did the guest answer? If not, is the deadline past (escalate / force)? Else later."""
+        plan = plan_of(Action(inst.status.currentTask.name))
+        if wait.op == Op.REBOOT_SOFT:
+            hard = supersedes_running_task(inst.spec, inst.status)
+            if hard:
+                self.forget(inst.metadata.uid)
+                await self._end(body, plan, succeeded=False, message=f"superseded by hard reboot {hard}")
+                return 0.0
+            answered = self.ops.rebooted_since(inst, wait.baseline)
+        else:
+            facts = await self.ops.facts(inst)
+            answered = not facts.exists or facts.power_state in OFF
+        outcome = waits.look_again(answered, wait.deadline, datetime.now(UTC))
+        if isinstance(outcome, float):
+            return outcome
+        return await self._wait_ended(body, inst, wait, outcome)
+
+    async def _wait_ended(self, body: dict[str, Any], inst: VirtualInstance, wait: Wait, outcome: str) -> float:
+        """The guest answered, or the deadline passed: escalate / force, then end the task."""
+        plan = plan_of(Action(inst.status.currentTask.name))
+        self.forget(inst.metadata.uid)
+        message = wait.message
         try:
-            while True:
-                woke = asyncio.ensure_future(changed.wait())
-                await asyncio.wait({reboot, woke}, return_when=asyncio.FIRST_COMPLETED)
-                woke.cancel()
-                if reboot.done():
-                    return reboot.result(), None
-                changed.clear()
-                inst = parse(self._latest.pop(key))
-                hard = supersedes_running_task(inst.spec, inst.status)
-                if hard:  # the waiting thread times out on its own; its answer no longer matters
-                    reboot.add_done_callback(lambda f: f.exception())
-                    return None, hard
-        finally:
-            self._changes.pop(key, None)
-            self._latest.pop(key, None)
+            if outcome == "expired" and wait.op == Op.REBOOT_SOFT:
+                body, escalation = await self._escalate(
+                    body, self._task_guard(wait.task_id),
+                    f"the guest ignored the soft reboot for {self.ops.soft_reboot_timeout:g}s")
+                message = "; ".join(filter(None, (message, escalation)))
+            elif outcome == "expired":
+                await self.ops.force_off(inst)
+                message = "; ".join(filter(None, (
+                    message, f"the guest ignored the ACPI shutdown for {self.ops.stop_timeout:g}s; powered off")))
+        except OperationError as error:
+            await self._end(body, plan, succeeded=False, message="; ".join(filter(None, (message, str(error)))))
+            return 0.0
+        crash_if("after_call", plan.action.value)
+        await self._end(body, plan, succeeded=True, message=message)
+        return 0.0
 
-    async def _escalate(self, body: dict[str, Any], guard) -> tuple[dict[str, Any], str]:
+    async def _escalate(self, body: dict[str, Any], guard, why: str) -> tuple[dict[str, Any], str]:
         facts = await self.ops.facts(parse(body))
         body = await self._cas(body, lambda s: transitions.advance(
             s, ESCALATE_TO_HARD, now(), domain_id=facts.domain_id, escalated=True), guard)
-        await self.events.emit(body, "Escalated", "guest ignored the soft reboot; rebooting hard",
-                               warning=True)
+        await self.events.emit(body, "Escalated", f"{why}; rebooting hard", warning=True)
         await self.ops.run(ESCALATE_TO_HARD.op, parse(body))
-        return body, f"guest ignored the soft reboot for {self.ops.soft_reboot_timeout:g}s; escalated to hard"
+        return body, f"{why}; escalated to hard"
 
     async def _end(self, body: dict[str, Any], plan: Plan, succeeded: bool, message: str,
                    vm_state: VmState | None = None) -> None:
         inst = parse(body)
         task = inst.status.currentTask
+        self.forget(inst.metadata.uid)
         if plan.action == A.DELETE and succeeded:
             finalizers = [f for f in inst.metadata.finalizers if f != FINALIZER]
             await self.events.emit(body, "Deleted", f"domain and disks of {inst.metadata.uid} removed")
@@ -278,6 +322,7 @@ class Engine:
         never return): delete or reset-state comes next."""
         task = inst.status.currentTask
         plan = plan_of(Action(task.name))
+        self.forget(inst.metadata.uid)
         body = await self._cas(body, lambda s: transitions.finish(
             s, plan, False, f"superseded by {by}", now(), s.powerState, vm_state=task.originVmState,
             backoff_policy=self.backoff_policy), guard=lambda i: i.status.currentTask == task)
@@ -285,7 +330,7 @@ class Engine:
                                                    f"superseded by {by}", warning=True)
 
     # ---- recovery --------------------------------------------------------------------
-    async def _recover(self, body: dict[str, Any], inst: VirtualInstance) -> None:
+    async def _recover(self, body: dict[str, Any], inst: VirtualInstance) -> float | None:
         """A task on record that nobody in this process is carrying out: its agent died (we
         hold the node's lease, so it is not running anywhere). Apply the recovery table."""
         task = inst.status.currentTask
@@ -301,14 +346,13 @@ class Engine:
         if rule.kind == "redo":
             plan = plan_of(rule.action)
             note = f"redone after an agent restart in {task.taskState.value}"
-            await self._run_steps(body, plan, rule.from_step, escalated=rule.hard,
-                                  note=f"{note}: {rule.message}" if rule.message else note)
-            return
+            return await self._run_steps(body, plan, rule.from_step, escalated=rule.hard,
+                                         note=f"{note}: {rule.message}" if rule.message else note)
         plan = plan_of(Action(task.name))
         if rule.kind == "finish":
             await self._end(body, plan, succeeded=True, message=f"recovered: {rule.message}".strip(": "),
                             vm_state=rule.vm_state)
-            return
+            return 0.0
         message = rule.message
         if rule.cleanup:
             try:
@@ -318,13 +362,14 @@ class Engine:
             message = f"{message}; {note}" if note else message
         if rule.kind == "revert":
             try:
-                await self.ops.run("revert_resize_inflight", parse(body))
+                await self.ops.run(Op.REVERT_RESIZE_INFLIGHT, parse(body))
             except OperationError as error:
                 await self._end(body, plan, succeeded=False, vm_state=VmState.ERROR,
                                 message=f"{rule.message}; revert failed: {error}")
-                return
+                return 0.0
         vm = VmState.ERROR if rule.kind == "error" else rule.vm_state
         await self._end(body, plan, succeeded=False, message=message, vm_state=vm)
+        return 0.0
 
     # ---- no task, no request ---------------------------------------------------------
     async def _sync(self, body: dict[str, Any], inst: VirtualInstance) -> bool:

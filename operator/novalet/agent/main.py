@@ -1,8 +1,10 @@
 """`novalet run`: the agent for one hypervisor node, on kopf.
 
-kopf watches VirtualInstances and hands each event to the engine; the engine writes status
-itself with compare-and-swap, so no handler returns a value into status and kopf's own
-bookkeeping (progress annotations, posted events, peering) is switched off.
+kopf watches VirtualInstances; every reason to look at an instance (a watch event, a libvirt
+event, the startup sweep, the periodic resync, a backoff, a wait's deadline) queues its key in
+one work queue (agent/workqueue.py), and a fixed number of workers reconcile the keys. The
+engine writes status itself with compare-and-swap, so no handler returns a value into status
+and kopf's own bookkeeping (progress annotations, posted events, peering) is switched off.
 """
 import argparse
 import asyncio
@@ -13,6 +15,7 @@ import uuid
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
 
 from .. import GROUP, PLURAL, VERSION
 from ..core.backoff import BackoffPolicy
@@ -20,7 +23,7 @@ from ..core.fencing import LeaseTiming
 from ..core.reaping import ReapPolicy
 from ..kube.client import api_client, register_login
 from ..kube.events import EventRecorder
-from ..kube.instances import InstanceStore
+from ..kube.instances import InstanceStore, parse
 from ..kube.lease import NodeLease
 from ..virt.kvm import domain_type
 from .engine import Engine
@@ -28,8 +31,8 @@ from .fence import Fence, Fenced
 from .libvirt_calls import LibvirtCalls
 from .operations import LibvirtTimeouts, Operations
 from .orphans import OrphanReaper
-from .scheduler import Scheduler
 from .unreadable import Unreadable
+from .workqueue import WorkQueue
 
 log = logging.getLogger("novalet.agent")
 
@@ -73,8 +76,11 @@ class Agent:
                               LibvirtCalls(self.args.libvirt_threads))
         self.engine = Engine(self.store, events, self.ops, self.node, self.identity,
                              self.backoff)
-        self.scheduler = Scheduler(self.engine, self.lease_held, self.fence)
-        self.ops.on_domain_event(self.scheduler.kick_uid_threadsafe(asyncio.get_running_loop()))
+        self.queue = WorkQueue(self.reconcile, workers=self.args.workers)
+        self.keys_by_uid: dict[str, tuple[str, str]] = {}
+        self.unswept: set[tuple[str, str]] = set()  # the tenure's sweep: keys not looked at yet
+        loop = asyncio.get_running_loop()
+        self.ops.on_domain_event(lambda uid: loop.call_soon_threadsafe(self.kick_uid, uid))
         self.reaper = OrphanReaper(self.ops, self.store, events, self.lease, self.node, ReapPolicy(
             self.args.reap_orphans, self.args.orphan_grace_seconds, self.args.max_orphans_per_sweep),
             self.lease_held.is_set)
@@ -113,7 +119,7 @@ class Agent:
             task.cancel()
         if self.lease_held.is_set() or self.activation:
             self.stand_down("the agent is stopping", stopping=True)
-        await asyncio.gather(*self.background, return_exceptions=True)
+        await asyncio.gather(self.queue.stop(), *self.background, return_exceptions=True)
         await self.lease.release()
 
     def stand_down(self, why: str, stopping: bool = False) -> None:
@@ -128,38 +134,52 @@ class Agent:
         if self.activation:
             self.activation.cancel()
         self.activation = None
-        self.scheduler.cancel_all()
+        self.queue.clear()
+        self.engine.forget_waits()
+        self.unswept.clear()
 
     async def activate(self) -> None:
-        """Recover every task left on this node, then take new work. Runs beside the lease
-        renewals: a long recovery must not let the lease run out."""
+        """Queue every instance of this node (the recovery sweep), then let the workers take
+        keys. Runs beside the lease renewals: a long listing must not let the lease run out.
+        Every task left on record is recovered by its instance's first reconcile, before any
+        new request of that instance (engine._round)."""
         self.fence.begin_work()
         while True:
             try:
-                await self.sweep()
+                self.unswept = set(await self.sweep())
                 break
             except Fenced:  # the fence lapsed mid-sweep: the next renewal starts a new one
                 return
             except Exception:
                 log.exception("recovery sweep failed; retrying")
                 await asyncio.sleep(2)
-        log.info("recovery sweep done: taking new work")
+        log.info("recovery sweep: %d instances of node %s queued", len(self.unswept), self.node)
+        self._sweep_progress()
         self.lease_held.set()
         self.activation = None
 
-    async def sweep(self) -> None:
-        """Every instance of this node, before new work: recover tasks, reap orphans."""
+    def _sweep_progress(self, key: tuple[str, str] | None = None) -> None:
+        if key is not None and key in self.unswept:
+            self.unswept.discard(key)
+            if not self.unswept:
+                log.info("recovery sweep done: every instance of node %s looked at", self.node)
+        elif key is None and not self.unswept:
+            log.info("recovery sweep done: no instance on node %s", self.node)
+
+    async def sweep(self) -> list[tuple[str, str]]:
+        """Queue every instance of this node; reap orphans. Returns the keys queued."""
         bodies = await self.store.list_all()
-        readable = [(b, await self.unreadable.parse(b)) for b in bodies]  # the others: reported, skipped
-        mine = [b for b, inst in readable if inst is not None and self.engine.is_mine(inst)]
-        for body in mine:
-            self.scheduler.remember(body)
-        keys = [(b["metadata"]["namespace"], b["metadata"]["name"]) for b in mine]
-        delays = await asyncio.gather(*(self.engine.reconcile(*key) for key in keys))
-        for key, delay in zip(keys, delays, strict=True):
-            if delay is not None:
-                self.scheduler.kick_later(key, delay)
+        keys = []
+        for body in bodies:
+            if await self.unreadable.parse(body) is None:  # reported on the object, skipped
+                continue
+            if self.engine.is_mine(parse(body)):
+                self.remember(body)
+                keys.append(key_of(body))
+        for key in keys:
+            self.queue.add(key)
         await self.reaper.sweep({b["metadata"]["uid"] for b in bodies})  # unreadable ones count: they exist
+        return keys
 
     async def resync(self) -> None:
         while True:
@@ -172,6 +192,39 @@ class Agent:
                     pass
                 except Exception:
                     log.exception("periodic resync failed")
+
+    # ---- the work queue's feeds and its reconcile -------------------------------------------
+    def remember(self, body: dict[str, Any]) -> None:
+        self.store.remember(body)
+        self.keys_by_uid[body["metadata"]["uid"]] = key_of(body)
+
+    def forget(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        self.store.forget(meta["namespace"], meta["name"])
+        self.keys_by_uid.pop(meta["uid"], None)
+        self.engine.forget(meta["uid"])
+
+    def kick_uid(self, uid: str) -> None:
+        """libvirt reported a change of a domain: look at its instance."""
+        key = self.keys_by_uid.get(uid)
+        if key is not None:
+            self.queue.add(key)
+
+    async def reconcile(self, key: tuple[str, str]) -> float | None:
+        self.fence.begin_work()
+        try:
+            return await self.engine.reconcile(*key)
+        except Fenced as why:
+            log.info("%s/%s: %s", *key, why)
+        except ValidationError:  # unreadable by this version: reported on the object, skipped
+            log.info("%s/%s: cannot read the object; waiting for it to change", *key)
+        finally:
+            self._sweep_progress(key)
+        return None
+
+
+def key_of(body: dict[str, Any]) -> tuple[str, str]:
+    return body["metadata"]["namespace"], body["metadata"]["name"]
 
 
 def build_registry(agent: Agent) -> kopf.OperatorRegistry:
@@ -186,6 +239,7 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
         await agent.start()
         loop = asyncio.get_running_loop()
         agent.background = [loop.create_task(agent.hold_lease()), loop.create_task(agent.resync())]
+        agent.queue.start(agent.lease_held.wait)
 
     @kopf.on.cleanup(registry=registry)
     async def release(**_: Any) -> None:
@@ -193,18 +247,19 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def on_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+        body = dict(body)
         if type == "DELETED":
-            agent.scheduler.forget(body)
+            agent.forget(body)
             return
-        agent.scheduler.remember(body)
-        if await agent.unreadable.parse(dict(body)) is None:
+        if await agent.unreadable.parse(body) is None:
             return  # reported on the object; the next change is looked at again
-        agent.engine.notify(dict(body))
-        key = (body["metadata"]["namespace"], body["metadata"]["name"])
-        if agent.engine.preempts(dict(body)):
-            agent.scheduler.preempt(*key)
+        agent.remember(body)
+        key = key_of(body)
+        if agent.engine.preempts(body):
+            if agent.queue.interrupt(key):
+                log.info("%s/%s: preempting the running reconcile", *key)
         else:
-            agent.scheduler.kick(*key)
+            agent.queue.add(key)
 
     return registry
 

@@ -3,14 +3,16 @@
 Every libvirt call runs on the agent's own bounded thread pools with a deadline
 (agent/libvirt_calls.py): a hung libvirtd fails the task with "libvirt did not answer <op>
 within N s" (LibvirtTimeout) instead of leaving it, and every other call of the node, stuck.
-An operation that waits on the guest by design (a soft reboot, a graceful stop) gets that wait
-on top of its deadline.
+A soft reboot and a graceful stop do not wait in a thread: `press` asks the guest and returns,
+and the engine keeps the wait as a deadline (core/waits.py); a resize's power-off still waits
+on the `waits` pool, with that wait on top of its call's deadline.
 
 Before a soft reboot the agent journals `<task id>:<op>` into the domain's own metadata, so
 after a crash the recovery table can tell a soft reboot that was issued from one that was not
 (a reboot is never issued twice for one request; core/recovery.JOURNALED_OPS).
 """
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -19,8 +21,9 @@ from kubernetes_asyncio import client
 
 from ..api.models import VirtualInstance
 from ..core.authorization import secret_check
+from ..core.facts import MISSING, Facts
 from ..core.recovery import JOURNALED_OPS
-from ..core.vocabulary import PowerState
+from ..core.vocabulary import Op, PowerState
 from ..kube.access import Access, SecretError
 from ..virt.domain_xml import InstanceMetadata
 from ..virt.hypervisor import DomainFacts, Hypervisor, HypervisorError, InstanceSpec
@@ -58,21 +61,12 @@ class LibvirtTimeouts:
         return self.call_s + max(0.0, wait_s)
 
 
-@dataclass(frozen=True)
-class Facts:
-    """libvirt's view of an instance's domain, in the core's vocabulary."""
-
-    exists: bool
-    power_state: PowerState | None
-    config: str | None
-    issued: str | None
-    has_managed_save: bool
-    domain_id: int | None
-
-    @classmethod
-    def of(cls, facts: DomainFacts) -> "Facts":
-        return cls(facts.exists, PowerState(facts.power_state) if facts.exists else None, facts.config,
-                   facts.issued, facts.has_managed_save, facts.domain_id)
+def facts_of(domain: DomainFacts) -> Facts:
+    """libvirt's view of a domain, in the core's vocabulary (core/facts.py)."""
+    if not domain.exists:
+        return MISSING
+    return Facts(True, PowerState(domain.power_state), domain.config, domain.issued, domain.has_managed_save,
+                 domain.domain_id)
 
 
 class Operations:
@@ -84,6 +78,7 @@ class Operations:
         self.soft_reboot_timeout, self.stop_timeout = soft_reboot_timeout, stop_timeout
         self.timeouts = timeouts or LibvirtTimeouts()
         self.calls = calls or LibvirtCalls()
+        self._handlers = self.handlers()
 
     async def _call(self, fn, *args, wait_s: float = 0.0, timeout_s: float | None = None, **kwargs) -> Any:
         """fn(*args, **kwargs) on the libvirt pools, within its deadline: the call deadline
@@ -101,7 +96,7 @@ class Operations:
         return await self._call(fn, *args, timeout_s=self.timeouts.query_s)
 
     async def facts(self, inst: VirtualInstance) -> Facts:
-        return Facts.of(await self._query(self.hv.facts, inst.metadata.uid))
+        return facts_of(await self._query(self.hv.facts, inst.metadata.uid))
 
     def on_domain_event(self, callback) -> None:
         """Subscribe to libvirt's domain events. Subscribing opens the connection: on a libvirt
@@ -112,11 +107,48 @@ class Operations:
             lambda f: f.exception() and log.warning("libvirt events: %s; subscribed for the next connection",
                                                     f.exception()))
 
-    async def run(self, op: str, inst: VirtualInstance) -> bool | None:
-        task = inst.status.currentTask
-        if task is not None and op in JOURNALED_OPS:
-            await self._call(self.hv.mark_issued, inst.metadata.uid, f"{task.id}:{op}")
-        return await getattr(self, f"op_{op}")(inst)
+    def handlers(self) -> dict[Op, Callable[[VirtualInstance], Awaitable[Any]]]:
+        """The operation each Op names; the two that wait on the guest go through `press`."""
+        return {
+            Op.PLUG_NETWORK: self.op_plug_network, Op.PREPARE_DISKS: self.op_prepare_disks,
+            Op.SPAWN: self.op_spawn, Op.START: self.op_start, Op.PAUSE: self.op_pause,
+            Op.UNPAUSE: self.op_unpause, Op.SUSPEND: self.op_suspend, Op.RESUME: self.op_resume,
+            Op.REBOOT_HARD: self.op_reboot_hard, Op.RESCUE: self.op_rescue, Op.UNRESCUE: self.op_unrescue,
+            Op.RESIZE_POWER_OFF: self.op_resize_power_off, Op.RESIZE_APPLY_FLAVOR: self.op_resize_apply_flavor,
+            Op.RESIZE_FINISH: self.op_resize_finish, Op.CONFIRM_RESIZE: self.op_confirm_resize,
+            Op.REVERT_RESIZE: self.op_revert_resize, Op.REBUILD_TEARDOWN: self.op_rebuild_teardown,
+            Op.REBUILD_DISKS: self.op_rebuild_disks, Op.SNAPSHOT: self.op_snapshot,
+            Op.SET_PASSWORD: self.op_set_password, Op.DELETE: self.op_delete,
+            Op.REMOVE_PARTIAL_SNAPSHOT: self.op_remove_partial_snapshot,
+            Op.REVERT_RESIZE_INFLIGHT: self.op_revert_resize_inflight,
+        }
+
+    async def run(self, op: Op, inst: VirtualInstance) -> Any:
+        return await self._handlers[op](inst)
+
+    # ---- operations that wait on the guest (core/waits.py) ------------------------------
+    def wait_s(self, op: Op | None) -> float | None:
+        """How long `op` gives the guest to answer, if it waits on the guest at all."""
+        return {Op.REBOOT_SOFT: self.soft_reboot_timeout, Op.STOP: self.stop_timeout}.get(op)
+
+    async def press(self, op: Op, inst: VirtualInstance) -> int | None:
+        """Press the guest's ACPI button for `op` and return at once: the baseline to tell its
+        answer by, or None when there is nothing to wait for (a soft reboot of a guest that is
+        not running: reboot hard; a stop of a guest already off, or paused and so destroyed)."""
+        uid, task = inst.metadata.uid, inst.status.currentTask
+        if op == Op.REBOOT_SOFT:
+            if task is not None and op in JOURNALED_OPS:
+                await self._call(self.hv.mark_issued, uid, f"{task.id}:{op}")
+            return await self._call(self.hv.press_reboot, uid)
+        return 0 if await self._call(self.hv.press_power_button, uid) else None
+
+    def rebooted_since(self, inst: VirtualInstance, baseline: int) -> bool:
+        """Has libvirt reported the guest's reset since the press? (no call: events counted)"""
+        return self.hv.reboots(inst.metadata.uid) > baseline
+
+    async def force_off(self, inst: VirtualInstance) -> None:
+        """The guest ignored the ACPI shutdown until the deadline: power it off."""
+        await self._call(self.hv.destroy, inst.metadata.uid)
 
     def _spec(self, inst: VirtualInstance) -> InstanceSpec:
         task = inst.status.currentTask
@@ -140,9 +172,6 @@ class Operations:
     async def op_start(self, inst: VirtualInstance) -> None:
         await self._call(self.hv.start, inst.metadata.uid)
 
-    async def op_stop(self, inst: VirtualInstance) -> None:
-        await self._call(self.hv.stop, inst.metadata.uid, True, self.stop_timeout, wait_s=self.stop_timeout)
-
     async def op_pause(self, inst: VirtualInstance) -> None:
         await self._call(self.hv.pause, inst.metadata.uid)
 
@@ -154,10 +183,6 @@ class Operations:
 
     async def op_resume(self, inst: VirtualInstance) -> None:
         await self._call(self.hv.resume, inst.metadata.uid)
-
-    async def op_reboot_soft(self, inst: VirtualInstance) -> bool:
-        return await self._call(self.hv.reboot_soft, inst.metadata.uid, self.soft_reboot_timeout,
-                                wait_s=self.soft_reboot_timeout)
 
     async def op_reboot_hard(self, inst: VirtualInstance) -> None:
         await self._call(self.hv.define, self._spec(inst))  # Nova regenerates the domain too

@@ -93,6 +93,9 @@ class CurrentTask(StatusModel):
     targetImage: str | None = None
     domainId: int | None = Field(default=None, description="libvirt domain id when the step began.")
     escalated: bool = False
+    deadline: datetime | None = Field(
+        default=None, description="When the guest's wait ends (a soft reboot escalates to hard, an ACPI stop "
+                                  "becomes a forced one); kept across agent restarts.")
     requestedBy: str | None = None
     owner: str
     startedAt: datetime

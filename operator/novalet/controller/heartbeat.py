@@ -11,6 +11,7 @@ from kubernetes_asyncio import client
 from pydantic import ValidationError
 
 from ..api.models import Condition, VirtualInstance, VirtualInstanceStatus
+from ..core import conditions
 from ..core.desire import imperative_action, seen_ids
 from ..kube.instances import Conflict, InstanceStore, parse
 from ..kube.lease import LeaseView, view
@@ -43,13 +44,10 @@ def agent_condition(inst: VirtualInstance, leases: dict[str, LeaseView], now: da
 
 def with_condition(status: VirtualInstanceStatus, condition: Condition) -> VirtualInstanceStatus | None:
     """The status with the condition set, or None when it already says the same."""
-    old = next((c for c in status.conditions if c.type == condition.type), None)
-    if old and (old.status, old.reason, old.message) == (condition.status, condition.reason, condition.message):
+    if conditions.same(conditions.find(status, condition.type), condition):
         return None
-    if old and old.status == condition.status:
-        condition = condition.model_copy(update={"lastTransitionTime": old.lastTransitionTime})
-    others = [c for c in status.conditions if c.type != condition.type]
-    return status.model_copy(update={"conditions": [*others, condition]})
+    return conditions.set_condition(status, condition.type, condition.status, condition.reason,
+                                    condition.message, condition.lastTransitionTime)
 
 
 class HeartbeatWatch:

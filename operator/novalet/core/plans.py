@@ -7,7 +7,7 @@ leaves the last step that may have started on record for the recovery table.
 """
 from dataclasses import dataclass
 
-from .vocabulary import Action, PowerState, TaskState, VmState
+from .vocabulary import Action, Op, PowerState, TaskState, VmState
 
 A, T, V = Action, TaskState, VmState
 
@@ -15,7 +15,7 @@ A, T, V = Action, TaskState, VmState
 @dataclass(frozen=True)
 class Step:
     task_state: TaskState
-    op: str | None = None
+    op: Op | None = None
 
 
 @dataclass(frozen=True)
@@ -30,41 +30,41 @@ class Plan:
 PRE_RESIZE = None
 
 
-def _plan(action: Action, steps: list[tuple[TaskState, str | None]],
+def _plan(action: Action, steps: list[tuple[TaskState, Op | None]],
           on_success: VmState | None, on_failure: VmState | None = None) -> Plan:
     return Plan(action, tuple(Step(t, op) for t, op in steps), on_success, on_failure)
 
 
 PLANS: dict[Action, Plan] = {p.action: p for p in [
-    _plan(A.CREATE, [(T.SCHEDULING, None), (T.NETWORKING, "plug_network"),
-                     (T.BLOCK_DEVICE_MAPPING, "prepare_disks"), (T.SPAWNING, "spawn")],
+    _plan(A.CREATE, [(T.SCHEDULING, None), (T.NETWORKING, Op.PLUG_NETWORK),
+                     (T.BLOCK_DEVICE_MAPPING, Op.PREPARE_DISKS), (T.SPAWNING, Op.SPAWN)],
           V.ACTIVE, V.ERROR),
-    _plan(A.START, [(T.POWERING_ON, "start")], V.ACTIVE),
-    _plan(A.STOP, [(T.POWERING_OFF, "stop")], V.STOPPED),
-    _plan(A.PAUSE, [(T.PAUSING, "pause")], V.PAUSED),
-    _plan(A.UNPAUSE, [(T.UNPAUSING, "unpause")], V.ACTIVE),
-    _plan(A.SUSPEND, [(T.SUSPENDING, "suspend")], V.SUSPENDED),
-    _plan(A.RESUME, [(T.RESUMING, "resume")], V.ACTIVE),
-    _plan(A.REBOOT_SOFT, [(T.REBOOT_PENDING, None), (T.REBOOT_STARTED, "reboot_soft")], V.ACTIVE),
-    _plan(A.REBOOT_HARD, [(T.REBOOT_PENDING_HARD, None), (T.REBOOT_STARTED_HARD, "reboot_hard")],
+    _plan(A.START, [(T.POWERING_ON, Op.START)], V.ACTIVE),
+    _plan(A.STOP, [(T.POWERING_OFF, Op.STOP)], V.STOPPED),
+    _plan(A.PAUSE, [(T.PAUSING, Op.PAUSE)], V.PAUSED),
+    _plan(A.UNPAUSE, [(T.UNPAUSING, Op.UNPAUSE)], V.ACTIVE),
+    _plan(A.SUSPEND, [(T.SUSPENDING, Op.SUSPEND)], V.SUSPENDED),
+    _plan(A.RESUME, [(T.RESUMING, Op.RESUME)], V.ACTIVE),
+    _plan(A.REBOOT_SOFT, [(T.REBOOT_PENDING, None), (T.REBOOT_STARTED, Op.REBOOT_SOFT)], V.ACTIVE),
+    _plan(A.REBOOT_HARD, [(T.REBOOT_PENDING_HARD, None), (T.REBOOT_STARTED_HARD, Op.REBOOT_HARD)],
           V.ACTIVE),
-    _plan(A.RESCUE, [(T.RESCUING, "rescue")], V.RESCUED),
-    _plan(A.UNRESCUE, [(T.UNRESCUING, "unrescue")], V.ACTIVE),
-    _plan(A.RESIZE, [(T.RESIZE_PREP, None), (T.RESIZE_MIGRATING, "resize_power_off"),
-                     (T.RESIZE_MIGRATED, "resize_apply_flavor"), (T.RESIZE_FINISH, "resize_finish")],
+    _plan(A.RESCUE, [(T.RESCUING, Op.RESCUE)], V.RESCUED),
+    _plan(A.UNRESCUE, [(T.UNRESCUING, Op.UNRESCUE)], V.ACTIVE),
+    _plan(A.RESIZE, [(T.RESIZE_PREP, None), (T.RESIZE_MIGRATING, Op.RESIZE_POWER_OFF),
+                     (T.RESIZE_MIGRATED, Op.RESIZE_APPLY_FLAVOR), (T.RESIZE_FINISH, Op.RESIZE_FINISH)],
           V.RESIZED),
-    _plan(A.CONFIRM_RESIZE, [(T.RESIZE_CONFIRMING, "confirm_resize")], PRE_RESIZE),
-    _plan(A.REVERT_RESIZE, [(T.RESIZE_REVERTING, "revert_resize")], PRE_RESIZE),
-    _plan(A.REBUILD, [(T.REBUILDING, "rebuild_teardown"),
-                      (T.REBUILD_BLOCK_DEVICE_MAPPING, "rebuild_disks"),
-                      (T.REBUILD_SPAWNING, "spawn")], V.ACTIVE, V.ERROR),
-    _plan(A.SNAPSHOT, [(T.IMAGE_SNAPSHOT_PENDING, None), (T.IMAGE_SNAPSHOT, "snapshot")], None),
-    _plan(A.SET_PASSWORD, [(T.UPDATING_PASSWORD, "set_password")], None),
-    _plan(A.DELETE, [(T.DELETING, "delete")], V.DELETED, V.ERROR),
+    _plan(A.CONFIRM_RESIZE, [(T.RESIZE_CONFIRMING, Op.CONFIRM_RESIZE)], PRE_RESIZE),
+    _plan(A.REVERT_RESIZE, [(T.RESIZE_REVERTING, Op.REVERT_RESIZE)], PRE_RESIZE),
+    _plan(A.REBUILD, [(T.REBUILDING, Op.REBUILD_TEARDOWN),
+                      (T.REBUILD_BLOCK_DEVICE_MAPPING, Op.REBUILD_DISKS),
+                      (T.REBUILD_SPAWNING, Op.SPAWN)], V.ACTIVE, V.ERROR),
+    _plan(A.SNAPSHOT, [(T.IMAGE_SNAPSHOT_PENDING, None), (T.IMAGE_SNAPSHOT, Op.SNAPSHOT)], None),
+    _plan(A.SET_PASSWORD, [(T.UPDATING_PASSWORD, Op.SET_PASSWORD)], None),
+    _plan(A.DELETE, [(T.DELETING, Op.DELETE)], V.DELETED, V.ERROR),
 ]}
 
 # A soft reboot the guest ignores escalates to this step (Nova does the same).
-ESCALATE_TO_HARD = Step(T.REBOOT_STARTED_HARD, "reboot_hard")
+ESCALATE_TO_HARD = Step(T.REBOOT_STARTED_HARD, Op.REBOOT_HARD)
 
 # The power state libvirt shows when an instance rests in a vm state.
 EXPECTED_POWER: dict[VmState, frozenset[PowerState]] = {

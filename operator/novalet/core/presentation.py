@@ -2,6 +2,7 @@
 from datetime import datetime
 
 from ..api.models import Condition, VirtualInstanceStatus
+from .conditions import condition, set_conditions
 from .vocabulary import TaskState, VmState
 
 V, T = VmState, TaskState
@@ -31,10 +32,7 @@ def phase(status: VirtualInstanceStatus) -> str:
 
 def _condition(status: VirtualInstanceStatus, now: datetime, type_: str, value: bool, reason: str,
                message: str = "") -> Condition:
-    old = next((c for c in status.conditions if c.type == type_), None)
-    text = "True" if value else "False"
-    when = old.lastTransitionTime if old and old.status == text else now
-    return Condition(type=type_, status=text, reason=reason, message=message, lastTransitionTime=when)
+    return condition(status, type_, value, reason, message, now)
 
 
 def with_presentation(status: VirtualInstanceStatus, now: datetime) -> VirtualInstanceStatus:
@@ -60,5 +58,4 @@ def with_presentation(status: VirtualInstanceStatus, now: datetime) -> VirtualIn
     }
     if refused and not busy and not failed:
         ours["Ready"] = ours["Ready"].model_copy(update={"message": f"last action {last.result}: {last.message}"})
-    others = [c for c in status.conditions if c.type not in ours]
-    return status.model_copy(update={"phase": phase(status), "conditions": [*ours.values(), *others]})
+    return set_conditions(status, *ours.values()).model_copy(update={"phase": phase(status)})

@@ -4,22 +4,14 @@ instance it finds mid-task. A pure function of the recorded task and libvirt's l
 Every task state has a rule; none is left for an admin to reset.
 """
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 from ..api.models import CurrentTask
+from .facts import Facts
 from .plans import EXPECTED_POWER, task_owner
-from .vocabulary import Action, PowerState, TaskState, VmState
+from .vocabulary import Action, Op, PowerState, TaskState, VmState
 
 T, V, P, A = TaskState, VmState, PowerState, Action
-
-
-class DomainFacts(Protocol):
-    exists: bool
-    power_state: PowerState | None
-    config: str | None          # "normal" | "rescue" | None (not defined)
-    issued: str | None          # journal: "<task id>:<op>" of the last operation issued
-    domain_id: int | None       # libvirt's runtime id, new at every start
-    has_managed_save: bool      # shut off with a saved memory image (suspended)
 
 
 Kind = Literal["redo", "finish", "abandon", "revert", "error"]
@@ -33,28 +25,28 @@ class Recovery:
     vm_state: VmState | None = None  # finish / abandon / error: where the instance rests
     message: str = ""
     hard: bool = False            # redo a soft reboot as a hard one
-    cleanup: str | None = None    # an operation that removes leftovers (partial snapshot)
+    cleanup: Op | None = None     # an operation that removes leftovers (partial snapshot)
 
 
 # The operations whose recovery reads the journal (`issued`): only a soft reboot leaves no other
 # trace (the same QEMU process, the same domain id). Journaling any other operation would only
 # add a call that needs the domain's job lock, which a hung monitor holds (a delete must not
 # wait on it).
-JOURNALED_OPS = frozenset({"reboot_soft"})
+JOURNALED_OPS = frozenset({Op.REBOOT_SOFT})
 
 
-def _step_issued(task: CurrentTask, facts: DomainFacts) -> bool:
+def _step_issued(task: CurrentTask, facts: Facts) -> bool:
     plan, index = task_owner(task.taskState)
     op = plan.steps[index].op
     return op is not None and facts.issued == f"{task.id}:{op}"
 
 
-def _power_reached(target: VmState, facts: DomainFacts, want_config: str = "normal") -> bool:
+def _power_reached(target: VmState, facts: Facts, want_config: str = "normal") -> bool:
     return (facts.exists and facts.power_state in EXPECTED_POWER[target]
             and facts.config == want_config)
 
 
-def _build(task: CurrentTask, facts: DomainFacts) -> Recovery:
+def _build(task: CurrentTask, facts: Facts) -> Recovery:
     _, index = task_owner(task.taskState)
     if task.taskState != T.SPAWNING:
         return Recovery("redo", A.CREATE, from_step=index)
@@ -68,7 +60,7 @@ def _build(task: CurrentTask, facts: DomainFacts) -> Recovery:
                     message=f"spawn interrupted; domain is {facts.power_state}")
 
 
-def _rebooted(task: CurrentTask, facts: DomainFacts) -> bool:
+def _rebooted(task: CurrentTask, facts: Facts) -> bool:
     """Did the reboot on record already happen? A soft one journals itself in the live domain;
     a hard one starts a new QEMU process, so the domain id differs from the one recorded when
     the step began."""
@@ -79,7 +71,7 @@ def _rebooted(task: CurrentTask, facts: DomainFacts) -> bool:
     return _step_issued(task, facts)
 
 
-def _reboot(task: CurrentTask, facts: DomainFacts) -> Recovery:
+def _reboot(task: CurrentTask, facts: Facts) -> Recovery:
     hard = task.taskState in (T.REBOOT_PENDING_HARD, T.REBOOT_STARTED_HARD, T.REBOOTING_HARD)
     action = A.REBOOT_HARD if hard or task.escalated else A.REBOOT_SOFT
     if _rebooted(task, facts):
@@ -98,14 +90,14 @@ POWER_TARGETS = {
 }
 
 
-def _power(task: CurrentTask, facts: DomainFacts) -> Recovery:
+def _power(task: CurrentTask, facts: Facts) -> Recovery:
     action, target = POWER_TARGETS[task.taskState]
     if _power_reached(target, facts, "normal") and (target != V.SUSPENDED or facts.has_managed_save):
         return Recovery("finish", action, vm_state=target)
     return Recovery("redo", action)
 
 
-def _rescue(task: CurrentTask, facts: DomainFacts) -> Recovery:
+def _rescue(task: CurrentTask, facts: Facts) -> Recovery:
     rescuing = task.taskState == T.RESCUING
     action, target, config = ((A.RESCUE, V.RESCUED, "rescue") if rescuing
                               else (A.UNRESCUE, V.ACTIVE, "normal"))
@@ -114,7 +106,7 @@ def _rescue(task: CurrentTask, facts: DomainFacts) -> Recovery:
     return Recovery("redo", action)
 
 
-def _resize(task: CurrentTask, facts: DomainFacts) -> Recovery:
+def _resize(task: CurrentTask, facts: Facts) -> Recovery:
     if task.taskState == T.RESIZE_PREP:
         return Recovery("abandon", A.RESIZE, vm_state=task.originVmState,
                         message="interrupted before any change; the resize is retried from spec")
@@ -135,7 +127,7 @@ RULES = {
        for t in (T.REBUILDING, T.REBUILD_BLOCK_DEVICE_MAPPING, T.REBUILD_SPAWNING)},
     **{t: (lambda task, facts: Recovery(
         "abandon", A.SNAPSHOT, vm_state=task.originVmState, message="interrupted",
-        cleanup="remove_partial_snapshot"))
+        cleanup=Op.REMOVE_PARTIAL_SNAPSHOT))
        for t in (T.IMAGE_SNAPSHOT_PENDING, T.IMAGE_SNAPSHOT, T.IMAGE_UPLOADING)},
     T.UPDATING_PASSWORD: lambda task, facts: Recovery(
         "abandon", A.SET_PASSWORD, vm_state=task.originVmState, message="interrupted; request again"),
@@ -153,7 +145,7 @@ RULES = {
 MAX_ATTEMPTS = 5
 
 
-def recover(task: CurrentTask, facts: DomainFacts) -> Recovery:
+def recover(task: CurrentTask, facts: Facts) -> Recovery:
     rule = RULES[task.taskState](task, facts)
     if rule.kind == "redo" and task.attempt >= MAX_ATTEMPTS:
         return Recovery("error", rule.action, vm_state=V.ERROR,

@@ -3,7 +3,7 @@
 The agent computes each new status here and writes it with a compare-and-swap; nothing in
 this module talks to Kubernetes or libvirt.
 """
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from ..api.models import ActionRecord, CurrentTask, Flavor, HandledAction, ResizeOrigin, VirtualInstanceStatus
 from . import backoff
@@ -49,9 +49,12 @@ def begin(status: VirtualInstanceStatus, plan: Plan, request_id: str, owner: str
 
 
 def advance(status: VirtualInstanceStatus, step: Step, now: datetime, domain_id: int | None = None,
-            escalated: bool | None = None) -> VirtualInstanceStatus:
+            escalated: bool | None = None, wait_s: float | None = None) -> VirtualInstanceStatus:
+    """The task's next step. `wait_s`: the step's operation waits on the guest that long at most;
+    its deadline is recorded with the step, so a restarted agent keeps it."""
     task = status.currentTask.model_copy(update={
         "taskState": step.task_state, "domainId": domain_id,
+        "deadline": now + timedelta(seconds=wait_s) if wait_s is not None else None,
         **({"escalated": escalated} if escalated is not None else {})})
     return with_presentation(_copy(status, taskState=step.task_state, currentTask=task), now)
 

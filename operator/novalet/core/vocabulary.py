@@ -89,3 +89,34 @@ class Action(StrEnum):
     RESET_STATE = "ResetState"
     LOCK = "Lock"
     UNLOCK = "Unlock"
+
+
+class Op(StrEnum):
+    """The hypervisor operations plan steps and recovery rules name (agent/operations.py runs
+    each; tests/unit/test_plans.py checks the two agree)."""
+    PLUG_NETWORK = "plug_network"
+    PREPARE_DISKS = "prepare_disks"
+    SPAWN = "spawn"
+    START = "start"
+    STOP = "stop"                      # waits on the guest (core/waits.py)
+    PAUSE = "pause"
+    UNPAUSE = "unpause"
+    SUSPEND = "suspend"
+    RESUME = "resume"
+    REBOOT_SOFT = "reboot_soft"        # waits on the guest (core/waits.py)
+    REBOOT_HARD = "reboot_hard"
+    RESCUE = "rescue"
+    UNRESCUE = "unrescue"
+    RESIZE_POWER_OFF = "resize_power_off"
+    RESIZE_APPLY_FLAVOR = "resize_apply_flavor"
+    RESIZE_FINISH = "resize_finish"
+    CONFIRM_RESIZE = "confirm_resize"
+    REVERT_RESIZE = "revert_resize"
+    REBUILD_TEARDOWN = "rebuild_teardown"
+    REBUILD_DISKS = "rebuild_disks"
+    SNAPSHOT = "snapshot"
+    SET_PASSWORD = "set_password"
+    DELETE = "delete"
+    # recovery only
+    REMOVE_PARTIAL_SNAPSHOT = "remove_partial_snapshot"
+    REVERT_RESIZE_INFLIGHT = "revert_resize_inflight"

@@ -3,6 +3,11 @@
 Every write carries `metadata.resourceVersion`: the apiserver answers 409 when another writer
 got there first, and the caller re-reads and decides again. kopf's own patches carry no
 resourceVersion, which is why the agent writes status itself.
+
+The store also keeps the newest body it has seen of each instance (from the watch, from its own
+writes' answers, from reads), so a reconcile starts without a GET. A stale body costs nothing
+but a 409: every decision is written with compare-and-swap before anything is done, and a
+conflict drops the cached body, so the next look reads afresh.
 """
 from typing import Any
 
@@ -32,19 +37,54 @@ def _translate(error: ApiException) -> Exception:
     return error
 
 
+Key = tuple[str, str]
+
+
+def _key(body: dict[str, Any]) -> Key:
+    return body["metadata"]["namespace"], body["metadata"]["name"]
+
+
+def _newer(body: dict[str, Any], than: dict[str, Any]) -> bool:
+    """etcd's resourceVersions of one object grow; where they are not numbers, trust the later."""
+    new, old = body["metadata"].get("resourceVersion", ""), than["metadata"].get("resourceVersion", "")
+    if new.isdigit() and old.isdigit() and body["metadata"].get("uid") == than["metadata"].get("uid"):
+        return int(new) >= int(old)
+    return True
+
+
 class InstanceStore:
     def __init__(self, api: client.ApiClient, guard: WriteGuard = no_guard):
         """`guard(what)` runs right before every write and raises to refuse it (the agent's fence)."""
         self.custom = client.CustomObjectsApi(api)
         self.guard = guard
+        self._latest: dict[Key, dict[str, Any]] = {}
 
+    # ---- the newest body seen ----------------------------------------------------------
+    def remember(self, body: dict[str, Any]) -> dict[str, Any]:
+        key = _key(body)
+        known = self._latest.get(key)
+        if known is None or _newer(body, known):
+            self._latest[key] = body
+        return body
+
+    def forget(self, namespace: str, name: str) -> None:
+        self._latest.pop((namespace, name), None)
+
+    async def read(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The newest body seen, or a GET when there is none."""
+        return self._latest.get((namespace, name)) or await self.get(namespace, name)
+
+    # ---- the apiserver -------------------------------------------------------------------
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return await self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            body = await self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         except ApiException as error:
             if error.status == 404:
+                self.forget(namespace, name)
                 return None
             raise
+        self._latest[(namespace, name)] = body  # a read is the truth: it replaces what was cached
+        return body
 
     async def list_all(self) -> list[dict[str, Any]]:
         result = await self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
@@ -57,9 +97,10 @@ class InstanceStore:
                  "status": status.model_dump(mode="json")}
         self.guard("write status")
         try:
-            return await self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch, _content_type=MERGE_PATCH)
+            return self.remember(await self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch, _content_type=MERGE_PATCH))
         except ApiException as error:
+            self.forget(meta["namespace"], meta["name"])
             raise _translate(error) from error
 
     async def write_finalizers(self, body: dict[str, Any], finalizers: list[str]) -> dict[str, Any]:
@@ -67,9 +108,10 @@ class InstanceStore:
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"], "finalizers": finalizers}}
         self.guard("write finalizers")
         try:
-            return await self.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch, _content_type=MERGE_PATCH)
+            return self.remember(await self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch, _content_type=MERGE_PATCH))
         except ApiException as error:
+            self.forget(meta["namespace"], meta["name"])
             raise _translate(error) from error
 
 

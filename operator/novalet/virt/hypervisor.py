@@ -223,6 +223,7 @@ class Hypervisor:
         self._subscribers: dict[int, EventCallback] = {}
         self._next_token = 1
         self._reboot_waiters: dict[str, list[threading.Event]] = {}
+        self._reboots: dict[str, int] = {}  # uid -> guest resets libvirt reported (REBOOT events)
         ensure_event_loop()
 
     # ------------------------------------------------------------------ connection
@@ -314,6 +315,7 @@ class Hypervisor:
                 uid = dom.UUIDString()
             except libvirt.libvirtError:
                 return
+            self._reboots[uid] = self._reboots.get(uid, 0) + 1
             for ev in list(self._reboot_waiters.get(uid, ())):
                 ev.set()
             self._dispatch(dom, "REBOOTED", "")
@@ -701,6 +703,52 @@ class Hypervisor:
                 waiters.remove(ev)
             if not waiters:
                 self._reboot_waiters.pop(uid, None)
+
+    def reboots(self, uid: str) -> int:
+        """How many guest resets libvirt has reported for `uid` since this process connected."""
+        return self._reboots.get(str(uuidlib.UUID(uid)), 0)
+
+    def press_reboot(self, uid: str) -> int | None:
+        """Press the ACPI reboot button and return at once: the count of resets before the press
+        (the reset shows as `reboots(uid)` growing past it), or None if the guest is not running
+        (nothing to press: the caller reboots hard)."""
+        uid = str(uuidlib.UUID(uid))
+
+        def fn(conn):
+            dom = self._require(conn, uid, "soft reboot")
+            if self._state(dom) not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
+                return None
+            before = self._reboots.get(uid, 0)
+            dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
+            return before
+
+        return self._call(f"soft reboot {uid}", fn)
+
+    def press_power_button(self, uid: str) -> bool:
+        """Ask the guest to shut down (ACPI power button) and return at once. True if it now has
+        to answer; False if there is nothing to wait for: already off, or paused (a paused guest
+        cannot see the button) and so destroyed at once."""
+
+        def fn(conn):
+            dom = self._find(conn, uid)
+            if dom is None or not dom.isActive():
+                return False
+            if self._state(dom) == libvirt.VIR_DOMAIN_PAUSED:
+                self._destroy(dom)
+                return False
+            try:
+                dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_INVALID_ARG:  # libvirt's test driver: no ACPI flag
+                    dom.shutdown()
+                    return dom.isActive()
+                if dom.isActive():
+                    log.info("ACPI shutdown of %s failed (%s); destroying", uid, e)
+                    self._destroy(dom)
+                return False
+            return True
+
+        return self._call(f"stop {uid}", fn)
 
     def reboot_hard(self, uid: str) -> None:
         """Nova-style hard reboot: destroy, regenerate the definition from the metadata, boot afresh.
