@@ -18,7 +18,8 @@ from ..api.models import InstanceLock, VirtualInstance, VirtualInstanceStatus
 from ..api.policies import REQUESTED_BY
 from ..core import authorization, backoff, conditions, policy, recovery, transitions, waits
 from ..core.backoff import BackoffPolicy
-from ..core.desire import Request, next_request, preempts_running_task, supersedes_running_task
+from ..core.desire import Request, preempts_running_task, supersedes_running_task
+from ..core.next_step import Kind, is_mine, next_step
 from ..core.plans import BOOKKEEPING, ESCALATE_TO_HARD, Plan, plan_of
 from ..core.transitions import DEFAULT_BACKOFF
 from ..core.vocabulary import Action, Op, PowerState, VmState
@@ -72,9 +73,7 @@ class Engine:
 
     # ---- placement -------------------------------------------------------------------
     def is_mine(self, inst: VirtualInstance) -> bool:
-        if inst.spec.nodeName:
-            return inst.spec.nodeName == self.node
-        return inst.status.node in (None, self.node)
+        return is_mine(inst, self.node)
 
     def preempts(self, body: dict[str, Any]) -> bool:
         """A watch event asks for something that must not wait behind the running task."""
@@ -116,47 +115,45 @@ class Engine:
         self._waits.pop(uid, None)
 
     async def _round(self, body: dict[str, Any]) -> float | None:
-        """One decision: 0 when it changed something (look again at once), a wait's next look,
-        or None when there is nothing to do."""
+        """Carry out the core's next step (core/next_step.py): 0 when it changed something
+        (look again at once), a wait's next look, or None when there is nothing to do."""
         inst = parse(body)
-        if not self.is_mine(inst):
-            return None
-        if inst.status.node != self.node:
-            await self._claim(body, inst)
-            return 0.0
-        deleting = inst.metadata.deletionTimestamp is not None
-        task = inst.status.currentTask
-        if task is not None:
-            preempted_by = preempts_running_task(inst.spec, inst.status, deleting)
-            wait = self._waits.get(inst.metadata.uid)
-            if preempted_by:
-                await self._preempt(body, inst, preempted_by)
-                return 0.0
-            if wait is not None and wait.task_id == task.id and task.owner == self.owner:
+        wait = self._waits.get(inst.metadata.uid)
+        step = next_step(inst, self.node, self.owner, wait.task_id if wait else None, now())
+        match step.kind:
+            case Kind.IGNORE:
+                return None
+            case Kind.CLAIM:
+                await self._claim(body, inst)
+            case Kind.PREEMPT:
+                await self._preempt(body, inst, step.preempted_by)
+            case Kind.LOOK_AT_WAIT:
                 return await self._look_at_wait(body, inst, wait)
-            return await self._recover(body, inst)
-        self.forget(inst.metadata.uid)
-        finalizers = inst.metadata.finalizers
-        if deleting and FINALIZER not in finalizers:
-            return None
-        if not deleting and FINALIZER not in finalizers:
-            await self.store.write_finalizers(body, [*finalizers, FINALIZER])
-            return 0.0
-        request = next_request(inst.spec, inst.status, inst.metadata.generation or 0, deleting, now())
-        if request is None:
-            return 0.0 if await self._sync(body, inst) else None
+            case Kind.RECOVER:
+                return await self._recover(body, inst)
+            case Kind.ADD_FINALIZER:
+                await self.store.write_finalizers(body, [*inst.metadata.finalizers, FINALIZER])
+            case Kind.SYNC:
+                self.forget(inst.metadata.uid)
+                return 0.0 if await self._sync(body, inst) else None
+            case Kind.REQUEST:
+                self.forget(inst.metadata.uid)
+                return await self._take(body, inst, step.request)
+        return 0.0
+
+    async def _take(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> float | None:
+        """A request: refused (who asked may not; the state does not allow it), recorded
+        (reset-state, lock, unlock), or carried out."""
         request, refusal = await self._vouch(inst, request)
+        if refusal is None and request.action not in BOOKKEEPING:
+            refusal = policy.refusal(request.action, inst.status.vmState or VmState.BUILDING, None)
         if refusal:
             await self._reject(body, request, refusal)
-            return 0.0
-        if request.action in BOOKKEEPING:
+        elif request.action in BOOKKEEPING:
             await self._bookkeeping(body, inst, request)
-            return 0.0
-        refusal = policy.refusal(request.action, inst.status.vmState or VmState.BUILDING, None)
-        if refusal:
-            await self._reject(body, request, refusal)
-            return 0.0
-        return await self._execute(body, inst, request)
+        else:
+            return await self._execute(body, inst, request)
+        return 0.0
 
     # ---- writes ----------------------------------------------------------------------
     async def _cas(self, body: dict[str, Any], mutate: Callable[[VirtualInstanceStatus], VirtualInstanceStatus],

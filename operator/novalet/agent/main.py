@@ -21,7 +21,7 @@ from .. import GROUP, PLURAL, VERSION
 from ..core.backoff import BackoffPolicy
 from ..core.fencing import LeaseTiming
 from ..core.reaping import ReapPolicy
-from ..kube.client import api_client, register_login
+from ..kube.client import RetryForever, api_client, register_login
 from ..kube.events import EventRecorder
 from ..kube.instances import InstanceStore, parse
 from ..kube.lease import NodeLease
@@ -235,7 +235,7 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False          # our Events say what happened, once
         settings.watching.server_timeout = 300
-        settings.networking.error_backoffs = [1, 2, 5]
+        settings.networking.error_backoffs = RetryForever()
         await agent.start()
         loop = asyncio.get_running_loop()
         agent.background = [loop.create_task(agent.hold_lease()), loop.create_task(agent.resync())]
@@ -251,6 +251,8 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
         if type == "DELETED":
             agent.forget(body)
             return
+        if agent.store.seen(body):
+            return  # the echo of the agent's own write: the reconcile that wrote it looks again
         if await agent.unreadable.parse(body) is None:
             return  # reported on the object; the next change is looked at again
         agent.remember(body)

@@ -13,7 +13,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from .. import GROUP, PLURAL, VERSION
 from ..api.models import VirtualInstance
 from ..core.admission import review
-from ..kube.client import api_client, register_login
+from ..kube.client import RetryForever, api_client, register_login
 from ..tls import self_signed
 from .heartbeat import HeartbeatWatch
 
@@ -76,6 +76,7 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False
+        settings.networking.error_backoffs = RetryForever()
         api = await api_client()
         if args.webhook_port:
             host = args.webhook_host

@@ -1,5 +1,7 @@
 """One kubernetes_asyncio ApiClient per process, from KUBECONFIG or the in-cluster account."""
+import itertools
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -22,3 +24,13 @@ def register_login(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.login(registry=registry)
     async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return await kopf.login_via_async_client(**kwargs)
+
+
+class RetryForever:
+    """kopf's API-error backoffs (`settings.networking.error_backoffs`): 1, 2, 5, then every
+    10 s for ever. kopf lets a watch fail the whole operator once the backoffs run out, and an
+    apiserver restart on a loaded machine took longer than the 8 s we used to give it; a node's
+    agent must outlive any apiserver outage (its fence keeps it from acting meanwhile)."""
+
+    def __iter__(self) -> Iterator[float]:
+        return itertools.chain((1, 2, 5), itertools.repeat(10))

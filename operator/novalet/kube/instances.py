@@ -67,6 +67,13 @@ class InstanceStore:
             self._latest[key] = body
         return body
 
+    def seen(self, body: dict[str, Any]) -> bool:
+        """Is this exact version of the object the newest one seen already (the watch's echo
+        of the agent's own write, or an event repeated)?"""
+        known = self._latest.get(_key(body))
+        return known is not None and known["metadata"].get("resourceVersion") == \
+            body["metadata"].get("resourceVersion")
+
     def forget(self, namespace: str, name: str) -> None:
         self._latest.pop((namespace, name), None)
 
