@@ -180,7 +180,7 @@ class Engine:
             handled=request.imperative, requested_by=request.requested_by), guard=None)
         await self.events.emit(body, "Started", f"{request.action.value} {request.id}: "
                                                 f"{plan.steps[0].task_state.value}")
-        crash_if("after_claim", request.action.value)
+        crash_if("after_claim", request.action.value, plan.steps[0].task_state.value)
         await self._run_steps(body, plan, from_step=0)
 
     async def _run_steps(self, body: dict[str, Any], plan: Plan, from_step: int,
@@ -198,7 +198,7 @@ class Engine:
                         s, st, now(), domain_id=f.domain_id, escalated=escalated or None), guard)
                 if step.op is None:
                     continue
-                crash_if("after_started", plan.action.value)
+                crash_if("after_started", plan.action.value, step.task_state.value)
                 if step.op == "reboot_soft":
                     outcome, superseded_by = await self._soft_reboot(body)
                     if superseded_by:
@@ -211,7 +211,8 @@ class Engine:
                     body, escalation = await self._escalate(body, guard)
                     message = "; ".join(filter(None, (message, escalation)))
                 ops_left.pop(0)
-                crash_if("between_steps" if ops_left else "after_call", plan.action.value)
+                crash_if("between_steps" if ops_left else "after_call", plan.action.value,
+                         parse(body).status.taskState.value)
         except OperationError as error:
             await self._end(body, plan, succeeded=False, message="; ".join(filter(None, (note, str(error)))))
             return
