@@ -42,8 +42,9 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_terminal_summary(terminalreporter):
-    from .test_crash_recovery import MATRIX, matrix_table
+    from .test_crash_recovery import matrix_rows, matrix_table
 
-    if MATRIX:
+    rows = matrix_rows(report for reports in terminalreporter.stats.values() for report in reports)
+    if rows:
         terminalreporter.write_sep("=", "crash-point matrix")
-        terminalreporter.write_line(matrix_table())
+        terminalreporter.write_line(matrix_table(rows))
