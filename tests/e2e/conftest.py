@@ -9,6 +9,7 @@ from .harness import Agents, Instances
 
 @pytest.fixture
 def agents(control_plane, crds, libvirt_uri, libvirt_domain_type, image_pool, namespace, tmp_path, request):
+    before = domain_uuids(libvirt_uri)
     fleet = Agents(control_plane.kubeconfig, libvirt_uri, image_pool, tmp_path, namespace, libvirt_domain_type)
     yield fleet
     fleet.stop_all()
@@ -16,6 +17,34 @@ def agents(control_plane, crds, libvirt_uri, libvirt_domain_type, image_pool, na
     if report is not None and report.failed:
         for agent in fleet.started:
             print(f"--- {agent.log}\n{agent.tail(80)}")
+    # the test's guests, once its agents are gone: left running, each would take its share of
+    # the CPU (a guest under TCG) until the session's libvirtd stops
+    remove_domains(libvirt_uri, domain_uuids(libvirt_uri) - before)
+
+
+def domain_uuids(uri: str) -> set[str]:
+    conn = libvirt.open(uri)
+    try:
+        return {dom.UUIDString() for dom in conn.listAllDomains()}
+    finally:
+        conn.close()
+
+
+def remove_domains(uri: str, uuids: set[str]) -> None:
+    """Destroy and undefine these domains (the test's own; its files go with its tmp_path)."""
+    conn = libvirt.open(uri)
+    try:
+        for uuid in uuids:
+            try:
+                dom = conn.lookupByUUIDString(uuid)
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            except libvirt.libvirtError as error:  # gone meanwhile, or libvirtd restarting: report, go on
+                print(f"removing domain {uuid} after the test: {error}")
+    finally:
+        conn.close()
 
 
 @pytest.fixture
@@ -39,12 +68,3 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
-
-
-def pytest_terminal_summary(terminalreporter):
-    from .test_crash_recovery import matrix_rows, matrix_table
-
-    rows = matrix_rows(report for reports in terminalreporter.stats.values() for report in reports)
-    if rows:
-        terminalreporter.write_sep("=", "crash-point matrix")
-        terminalreporter.write_line(matrix_table(rows))

@@ -35,7 +35,9 @@ RECOVERY_BOUND_S = 60  # from the restart to an idle instance, for every case
 # resize's revert) waits the agent's whole --stop-timeout before it destroys the guest. The crash
 # cases with a diskless guest give the agent a short one; the real guests keep the harness's.
 DISKLESS_STOP_TIMEOUT = 1.0
-MATRIX_PROPERTY = "crash_matrix"  # (index, action, point, outcome) in the report's user_properties
+# each case's row travels in its report's user_properties, so the table (tests/conftest.py)
+# is printed with pytest-xdist too, where the cases run in worker processes
+MATRIX_PROPERTY = "crash_matrix"  # (index, action, point, outcome)
 
 
 @dataclass(frozen=True)
@@ -201,18 +203,3 @@ async def test_crash_point(case: Case, point: str, instances, agents, libvirt_vi
         if case.action == Action.SNAPSHOT:
             for p in agents.image_pool.glob("crash-snap*"):
                 p.unlink()
-
-
-def matrix_rows(reports) -> list[tuple[int, str, str, str]]:
-    """The rows the cases recorded, from the test reports (an xdist worker's reach the
-    controller the same way), in the matrix's order."""
-    rows = {tuple(value) for report in reports if getattr(report, "when", None) == "call"
-            for key, value in getattr(report, "user_properties", ()) if key == MATRIX_PROPERTY}
-    return sorted(rows)
-
-
-def matrix_table(rows: list[tuple[int, str, str, str]]) -> str:
-    """action x crash point -> outcome, as Markdown (printed in the session summary)."""
-    lines = ["| action | crash point | taskState at the crash -> outcome after restart |", "|---|---|---|"]
-    lines += [f"| {a} | {p} | {o} |" for _, a, p, o in rows]
-    return "\n".join(lines)
