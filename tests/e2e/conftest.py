@@ -1,14 +1,17 @@
 """Fixtures for end-to-end tests: real apiserver, real libvirtd, agents as OS processes."""
 import libvirt
 import pytest
+from kubernetes_asyncio import client
 
+from novalet import GROUP, PLURAL, VERSION
 from novalet_dev.testing import TINY  # noqa: F401  (re-exported for the tests)
 
-from .harness import Agents, Instances
+from .harness import MERGE, Agents, Instances
 
 
 @pytest.fixture
-def agents(control_plane, crds, libvirt_uri, libvirt_domain_type, image_pool, namespace, tmp_path, request):
+async def agents(control_plane, crds, libvirt_uri, libvirt_domain_type, image_pool, namespace, tmp_path, request,
+                 kube_api):
     before = domain_uuids(libvirt_uri)
     fleet = Agents(control_plane.kubeconfig, libvirt_uri, image_pool, tmp_path, namespace, libvirt_domain_type)
     yield fleet
@@ -20,6 +23,24 @@ def agents(control_plane, crds, libvirt_uri, libvirt_domain_type, image_pool, na
     # the test's guests, once its agents are gone: left running, each would take its share of
     # the CPU (a guest under TCG) until the session's libvirtd stops
     remove_domains(libvirt_uri, domain_uuids(libvirt_uri) - before)
+    # and its objects' finalizers: no agent is left to take them off, so the namespace would stay
+    # Terminating, and kube-controller-manager would sweep every such namespace again and again
+    # (about 60 API calls a sweep: the apiserver's load grew with every test of the session)
+    await release_instances(kube_api, namespace)
+
+
+async def release_instances(api, namespace: str) -> None:
+    custom = client.CustomObjectsApi(api)
+    listed = await custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+    for item in listed.get("items", []):
+        if item["metadata"].get("finalizers"):
+            try:
+                await custom.patch_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, item["metadata"]["name"],
+                    {"metadata": {"finalizers": None}}, _content_type=MERGE)
+            except client.exceptions.ApiException as error:
+                if error.status != 404:
+                    raise
 
 
 def domain_uuids(uri: str) -> set[str]:
