@@ -1,14 +1,18 @@
 """Fixtures for end-to-end tests: real apiserver, real libvirtd, agents as OS processes."""
 import libvirt
 import pytest
+from kubernetes_asyncio import client
 
+from novalet import GROUP, PLURAL, VERSION
 from novalet_dev.testing import TINY  # noqa: F401  (re-exported for the tests)
 
-from .harness import Agents, Instances
+from .harness import MERGE, Agents, Instances
 
 
 @pytest.fixture
-def agents(control_plane, crds, libvirt_uri, libvirt_domain_type, image_pool, namespace, tmp_path, request):
+async def agents(control_plane, crds, libvirt_uri, libvirt_domain_type, image_pool, namespace, tmp_path, request,
+                 kube_api):
+    before = domain_uuids(libvirt_uri)
     fleet = Agents(control_plane.kubeconfig, libvirt_uri, image_pool, tmp_path, namespace, libvirt_domain_type)
     yield fleet
     fleet.stop_all()
@@ -16,6 +20,52 @@ def agents(control_plane, crds, libvirt_uri, libvirt_domain_type, image_pool, na
     if report is not None and report.failed:
         for agent in fleet.started:
             print(f"--- {agent.log}\n{agent.tail(80)}")
+    # the test's guests, once its agents are gone: left running, each would take its share of
+    # the CPU (a guest under TCG) until the session's libvirtd stops
+    remove_domains(libvirt_uri, domain_uuids(libvirt_uri) - before)
+    # and its objects' finalizers: no agent is left to take them off, so the namespace would stay
+    # Terminating, and kube-controller-manager would sweep every such namespace again and again
+    # (about 60 API calls a sweep: the apiserver's load grew with every test of the session)
+    await release_instances(kube_api, namespace)
+
+
+async def release_instances(api, namespace: str) -> None:
+    custom = client.CustomObjectsApi(api)
+    listed = await custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+    for item in listed.get("items", []):
+        if item["metadata"].get("finalizers"):
+            try:
+                await custom.patch_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, item["metadata"]["name"],
+                    {"metadata": {"finalizers": None}}, _content_type=MERGE)
+            except client.exceptions.ApiException as error:
+                if error.status != 404:
+                    raise
+
+
+def domain_uuids(uri: str) -> set[str]:
+    conn = libvirt.open(uri)
+    try:
+        return {dom.UUIDString() for dom in conn.listAllDomains()}
+    finally:
+        conn.close()
+
+
+def remove_domains(uri: str, uuids: set[str]) -> None:
+    """Destroy and undefine these domains (the test's own; its files go with its tmp_path)."""
+    conn = libvirt.open(uri)
+    try:
+        for uuid in uuids:
+            try:
+                dom = conn.lookupByUUIDString(uuid)
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            except libvirt.libvirtError as error:  # gone meanwhile, or libvirtd restarting: report, go on
+                print(f"removing domain {uuid} after the test: {error}")
+    finally:
+        conn.close()
 
 
 @pytest.fixture
@@ -39,11 +89,3 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
-
-
-def pytest_terminal_summary(terminalreporter):
-    from .test_crash_recovery import MATRIX, matrix_table
-
-    if MATRIX:
-        terminalreporter.write_sep("=", "crash-point matrix")
-        terminalreporter.write_line(matrix_table())

@@ -1,10 +1,13 @@
 """The crash-point matrix: the agent is SIGKILLed at every named point of every action, then
 restarted; nothing stays in a task state, libvirt agrees with status, nothing ran twice.
 
-Each case: bring an instance to the action's starting state with a healthy agent, restart the
-agent with NOVALET_CRASH_AT=<point>@<Action>, ask for the action, watch the agent die there,
-start it again and check what a user (and libvirt) sees. The table is printed in the test
-session's summary and kept in docs/recovery.md.
+Each case: start the agent with NOVALET_CRASH_AT=<point>@<Action>:<task state>, bring an
+instance to the action's starting state with it (the setup runs other actions, so it passes no
+crash point of the case's), ask for the action, watch the agent die there, start it again and
+check what a user (and libvirt) sees. Every point is taken in every step of a plan that calls the
+hypervisor: `after_started` before each step's operation, `between_steps` (or `after_call` for
+the last) after it, so a crash lands in every task state a plan writes. The table is printed in
+the test session's summary (with or without pytest-xdist) and kept in docs/recovery.md.
 """
 import asyncio
 import base64
@@ -28,7 +31,13 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 FLAVOR = {"vcpus": 1, "memoryMiB": 128}
 BIG = {"vcpus": 2, "memoryMiB": 160}
 RECOVERY_BOUND_S = 60  # from the restart to an idle instance, for every case
-MATRIX: dict[tuple[str, str], str] = {}
+# A diskless guest never answers the ACPI button: every graceful stop of one (stop, resize, a
+# resize's revert) waits the agent's whole --stop-timeout before it destroys the guest. The crash
+# cases with a diskless guest give the agent a short one; the real guests keep the harness's.
+DISKLESS_STOP_TIMEOUT = 1.0
+# each case's row travels in its report's user_properties, so the table (tests/conftest.py)
+# is printed with pytest-xdist too, where the cases run in worker processes
+MATRIX_PROPERTY = "crash_matrix"  # (index, action, point, outcome)
 
 
 @dataclass(frozen=True)
@@ -73,11 +82,25 @@ CASES = [
 
 
 def crash_points(action: Action) -> list[str]:
+    """`after_claim`, then for every step with an operation `after_started` and `between_steps`
+    (`after_call` after the last one). The first step's points keep their plain names (the
+    first match is that step); a later step's name its task state: `point:task_state`."""
     ops = [s for s in PLANS[action].steps if s.op]
-    return ["after_claim", "after_started", *(["between_steps"] if len(ops) > 1 else []), "after_call"]
+    points = ["after_claim"]
+    for index, step in enumerate(ops):
+        later = f":{step.task_state.value}" if index else ""
+        points.append(f"after_started{later}")
+        points.append("after_call" if index == len(ops) - 1 else f"between_steps{later}")
+    return points
 
 
-MATRIX_CASES = [pytest.param(case, point, id=f"{case.action.value}-{point}")
+def crash_at(action: Action, point: str) -> str:
+    """The agent's NOVALET_CRASH_AT for a point of crash_points(): `point@Action[:task_state]`."""
+    name, _, task_state = point.partition(":")
+    return f"{name}@{action.value}" + (f":{task_state}" if task_state else "")
+
+
+MATRIX_CASES = [pytest.param(case, point, id=f"{case.action.value}-{point.replace(':', '-')}")
                 for case in CASES for point in crash_points(case.action) if point not in case.unreachable]
 
 
@@ -90,8 +113,15 @@ async def wait_dead(agent, timeout: float = 90) -> None:
 
 
 @pytest.mark.parametrize("case,point", MATRIX_CASES)
-async def test_crash_point(case: Case, point: str, instances, agents, libvirt_view, kube_api, namespace):
+async def test_crash_point(case: Case, point: str, instances, agents, libvirt_view, kube_api, namespace,
+                           request):
     node = unique_node()
+    timings = {} if case.image else {"stop_timeout": DISKLESS_STOP_TIMEOUT}
+
+    def matrix_row(outcome: str) -> None:
+        index = next(i for i, p in enumerate(MATRIX_CASES) if p.values == (case, point))
+        request.node.user_properties.append((MATRIX_PROPERTY, (index, case.action.value, point, outcome)))
+
     state_dir = agents.workdir / f"state-{node}"
     pool = ImagePool(agents.image_pool, state_dir)
     spec = {"flavor": FLAVOR, "image": case.image, "nodeName": node}
@@ -99,22 +129,19 @@ async def test_crash_point(case: Case, point: str, instances, agents, libvirt_vi
         await client.CoreV1Api(kube_api).create_namespaced_secret(namespace, client.V1Secret(
             metadata=client.V1ObjectMeta(name="pw"), data={"password": base64.b64encode(b"x").decode()}))
 
-    # 1. the starting state, reached with a healthy agent
-    if case.action == Action.CREATE:
-        doomed = agents.start(node, crash_at=f"{point}@{case.action.value}")
-        await instances.create("vm", spec)
-    else:
-        healthy = agents.start(node)
-        await instances.create("vm", spec)
+    # 1. the starting state, reached by the agent that is to crash (no crash point of the
+    # case's action is on the way: the setup runs other actions)
+    doomed = agents.start(node, crash_at=crash_at(case.action, point), **timings)
+    await instances.create("vm", spec)
+    if case.action != Action.CREATE:
         await instances.wait_idle("vm", "active", agents=agents)
         if case.setup:
             await instances.patch_spec("vm", case.setup)
             await instances.wait_idle("vm", case.setup_state, agents=agents)
         if case.image == TINY:  # ACPI requests before the guest is ready are lost
             uid = (await instances.get("vm"))["metadata"]["uid"]
-            wait_for_marker(pool.serial_log_path(uid), timeout=60)
-        healthy.stop()
-        doomed = agents.start(node, crash_at=f"{point}@{case.action.value}")
+            await asyncio.to_thread(wait_for_marker, pool.serial_log_path(uid), timeout=60)
+        assert doomed.process.poll() is None, f"the agent died during the setup\n{doomed.tail()}"
     body = await instances.wait("vm", lambda b: b["metadata"].get("uid") is not None, what="the object")
     uid = body["metadata"]["uid"]
     counter = lv.BootCounter(libvirt_view, uid) if case.counts_boots else None
@@ -131,12 +158,12 @@ async def test_crash_point(case: Case, point: str, instances, agents, libvirt_vi
         crashed_id = (crashed.get("currentTask") or {}).get("id")
 
         # 3. restart; within the bound the instance is idle and agrees with libvirt
-        agents.start(node)
+        agents.start(node, **timings)
         if case.final == "deleted":
             await instances.wait_gone("vm", timeout=RECOVERY_BOUND_S, agents=agents)
             assert lv.domain(libvirt_view, uid) is None
             assert not (state_dir / "instances" / uid).exists()
-            MATRIX[(case.action.value, point)] = f"{crashed_in} -> deleted"
+            matrix_row(f"{crashed_in} -> deleted")
             return
         body = await instances.wait_idle("vm", case.final, timeout=RECOVERY_BOUND_S, agents=agents)
         status = status_of(body)
@@ -158,7 +185,7 @@ async def test_crash_point(case: Case, point: str, instances, agents, libvirt_vi
         # what became of the interrupted request (a declarative one may have run again since)
         record = next((r for r in status["history"] if r["id"] == crashed_id), last)
         assert record["result"] in ("Succeeded", "Failed"), record
-        MATRIX[(case.action.value, point)] = (
+        matrix_row(
             f"{crashed_in} -> {record['name']} {record['result']}"
             + (f": {record['message']}" if record["message"] else "")
             + (f"; then {last['name']} {last['result']}" if record is not last else "")
@@ -176,10 +203,3 @@ async def test_crash_point(case: Case, point: str, instances, agents, libvirt_vi
         if case.action == Action.SNAPSHOT:
             for p in agents.image_pool.glob("crash-snap*"):
                 p.unlink()
-
-
-def matrix_table() -> str:
-    """action x crash point -> outcome, as Markdown (printed in the session summary)."""
-    lines = ["| action | crash point | taskState at the crash -> outcome after restart |", "|---|---|---|"]
-    lines += [f"| {a} | {p} | {o} |" for (a, p), o in MATRIX.items()]
-    return "\n".join(lines)

@@ -196,7 +196,7 @@ class Engine:
             handled=request.imperative, requested_by=request.requested_by), guard=None)
         await self.events.emit(body, "Started", f"{request.action.value} {request.id}: "
                                                 f"{plan.steps[0].task_state.value}")
-        crash_if("after_claim", request.action.value)
+        crash_if("after_claim", request.action.value, plan.steps[0].task_state.value)
         return await self._run_steps(body, plan, from_step=0)
 
     async def _run_steps(self, body: dict[str, Any], plan: Plan, from_step: int,
@@ -216,12 +216,13 @@ class Engine:
                         wait_s=self.ops.wait_s(st.op)), guard)
                 if step.op is None:
                     continue
-                crash_if("after_started", plan.action.value)
+                crash_if("after_started", plan.action.value, step.task_state.value)
                 if step.op in waits.WAITING_OPS:
                     return await self._press(body, plan, step.op, guard, note)
                 await self.ops.run(step.op, parse(body))
                 ops_left.pop(0)
-                crash_if("between_steps" if ops_left else "after_call", plan.action.value)
+                crash_if("between_steps" if ops_left else "after_call", plan.action.value,
+                         parse(body).status.taskState.value)
         except OperationError as error:
             await self._end(body, plan, succeeded=False, message="; ".join(filter(None, (note, str(error)))))
             return 0.0
@@ -242,7 +243,7 @@ class Engine:
             if op == Op.REBOOT_SOFT:
                 body, escalation = await self._escalate(body, guard, "the guest was not running")
                 note = "; ".join(filter(None, (note, escalation)))
-            crash_if("after_call", plan.action.value)
+            crash_if("after_call", plan.action.value, parse(body).status.taskState.value)
             await self._end(body, plan, succeeded=True, message=note)
             return 0.0
         wait = self._waits[inst.metadata.uid] = Wait(task.id, op, baseline, deadline, note)
@@ -284,7 +285,7 @@ class Engine:
         except OperationError as error:
             await self._end(body, plan, succeeded=False, message="; ".join(filter(None, (message, str(error)))))
             return 0.0
-        crash_if("after_call", plan.action.value)
+        crash_if("after_call", plan.action.value, parse(body).status.taskState.value)
         await self._end(body, plan, succeeded=True, message=message)
         return 0.0
 
