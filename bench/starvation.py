@@ -224,6 +224,9 @@ async def measure(stack, guests: int = 100, probes: int = 5, wait_s: float = 30.
             out["soft_reboot_outcomes"] = sorted({
                 f"{(tracker.objects[n]['status'].get('lastAction') or {}).get('name')} "
                 f"{(tracker.objects[n]['status'].get('lastAction') or {}).get('result')}" for n in soft})
+            out["soft_reboots_escalated"] = sum(
+                1 for n in soft if "escalated" in ((tracker.objects[n]["status"].get("lastAction") or {})
+                                                   .get("message") or ""))
             out["quiet_after"] = summarize([await probe.once(busy) for _ in range(probes)])
             show("quiet after", out["quiet_after"])
             q, s = out["quiet"]["to_started"]["p50_ms"], out["starved"]["to_started"]["p50_ms"]
@@ -240,7 +243,8 @@ async def measure(stack, guests: int = 100, probes: int = 5, wait_s: float = 30.
         stop_process(agent)
         out["agent_exit_code"] = agent.returncode
         out["agent_log"] = log_counts(log)
-        out["agent_log_escalations"] = log.read_text(errors="replace").count("escalat") if log.exists() else 0
+        out["stops_destroyed_after_the_wait"] = (
+            log.read_text(errors="replace").count("ignored ACPI shutdown") if log.exists() else 0)
         remove_domains(events.conn, uuids | domain_uuids_of(events.conn, stack.workdir / NODE))
         events.close()
         if log.exists():
