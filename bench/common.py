@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import libvirt
@@ -20,7 +20,7 @@ import libvirt
 from novalet_dev.controlplane import ControlPlane, find_bin_dir
 from novalet_dev.libvirtd import Libvirtd, domain_type
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("NOVALET_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 @dataclass
@@ -28,15 +28,23 @@ class Stack:
     workdir: Path
     control_plane: ControlPlane
     libvirtd: Libvirtd
+    started: list[subprocess.Popen] = field(default_factory=list)  # every agent, to stop by pid
 
     def agent(self, node: str, pool: Path, *extra: str) -> subprocess.Popen:
         env = {**os.environ, "KUBECONFIG": str(self.control_plane.kubeconfig)}
         log = (self.workdir / f"agent-{node}.log").open("ab")
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "novalet.cli", "run", "--node-name", node, "--libvirt-uri",
              self.libvirtd.uri, "--image-pool", str(pool), "--state-dir", str(self.workdir / node),
              "--domain-type", domain_type(), "--stop-timeout", "5", "--soft-reboot-timeout", "5", *extra],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.started.append(proc)
+        return proc
+
+    def stop_agents(self) -> None:
+        """Every agent this stack started that still runs (by its pid)."""
+        for proc in self.started:
+            stop_process(proc)
 
     def test_driver_uri(self, path: str = "/default") -> str:
         """libvirt's test driver inside the private libvirtd. `/default` is one driver shared by every
@@ -74,9 +82,11 @@ def local_stack() -> Iterator[Stack]:
         try:
             cp.apply_crds()
             lv.start()
+            stack = Stack(workdir, cp, lv)
             try:
-                yield Stack(workdir, cp, lv)
+                yield stack
             finally:
+                stack.stop_agents()
                 lv.stop(destroy_domains=True)
         finally:
             cp.stop()
