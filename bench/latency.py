@@ -123,6 +123,13 @@ async def during(storm_call, prober: Prober) -> tuple[dict, dict]:
     return row, summarize(rows)
 
 
+def settle_or_stop(row: dict, count: int) -> None:
+    """A storm that did not settle stops the benchmark: later phases would measure a stuck agent."""
+    if row["timed_out"]:
+        raise TimeoutError(f"the {row['storm']} storm of {count}: {row['instances'] - row['settled']} of "
+                           f"{row['instances']} instances not settled within {row['seconds']:.0f} s")
+
+
 def show(count: int, phase: str, s: dict) -> None:
     print(f"  {count:5d} {phase:<14} {s['probes']:4d} probes  p50 {s['p50_ms']} ms  p99 {s['p99_ms']} ms  "
           f"max {s['max_ms']} ms  lost {s['lost']}", flush=True)
@@ -168,19 +175,20 @@ async def measure(stack, counts: list[int], idle_probes: int = 200, probe_timeou
                 create_row, entry["during_create_storm"] = await during(
                     storm(stack, custom, tracker, sampler, "create", names, count, budget, NODE), prober)
                 show(count, "create storm", entry["during_create_storm"])
+                settle_or_stop(create_row, count)
                 entry["idle"] = summarize(await prober.run(count=idle_probes))
                 show(count, "idle", entry["idle"])
                 pause_row, entry["during_pause_storm"] = await during(
                     storm(stack, custom, tracker, sampler, "pause", names, count, budget, NODE), prober)
                 show(count, "pause storm", entry["during_pause_storm"])
+                settle_or_stop(pause_row, count)
                 delete_row = await storm(stack, custom, tracker, sampler, "delete", names, count, budget, NODE)
                 for row in (create_row, pause_row, delete_row):
                     row.pop("settled_names", None)
                     row.pop("requests", None)
                 entry["storms"] = [create_row, pause_row, delete_row]
                 entry["agent_rss_mib"] = rss_mib(agent.pid)
-                if any(r["timed_out"] for r in entry["storms"]):
-                    raise TimeoutError(f"a storm of {count} did not settle within {budget:.0f} s")
+                settle_or_stop(delete_row, count)
     except Exception as failure:  # noqa: BLE001 - keep what was measured, say what stopped it
         error = f"{type(failure).__name__}: {failure}"
         print(f"stopped: {error}", flush=True)
