@@ -81,8 +81,11 @@ class Prober:
     async def probe(self) -> dict:
         name = self.names[self.turn % len(self.names)]
         self.turn += 1
-        await wait_until(lambda: is_settled(self.tracker.objects.get(name), SETTLED[self.power[name]]),
-                         self.timeout_s, f"probe {name} settled")
+        try:
+            await wait_until(lambda: is_settled(self.tracker.objects.get(name), SETTLED[self.power[name]]),
+                             self.timeout_s, f"probe {name} settled")
+        except TimeoutError:  # the previous probe of this instance never finished: lost, go on
+            return {"to": None, "patch_s": None, "latency_s": None, "from_send_s": None, "not_settled": name}
         uuid = self.tracker.objects[name]["status"]["domainUUID"]
         target = "Running" if self.power[name] == "Paused" else "Paused"
         sent = time.monotonic()
@@ -109,8 +112,10 @@ def summarize(rows: list[dict]) -> dict:
             "from_send_p50_ms": round(1000 * statistics.median([r["from_send_s"] for r in rows
                                                                    if r["from_send_s"] is not None]), 1)
             if got else None,
-            "patch_response_p50_ms": round(1000 * statistics.median([r["patch_s"] for r in rows]), 1)
-            if rows else None}
+            "patch_response_p50_ms": round(1000 * statistics.median([r["patch_s"] for r in rows
+                                                                     if r["patch_s"] is not None]), 1)
+            if got else None,
+            "not_settled": sum(1 for r in rows if r.get("not_settled"))}
 
 
 async def during(storm_call, prober: Prober) -> tuple[dict, dict]:
@@ -118,7 +123,12 @@ async def during(storm_call, prober: Prober) -> tuple[dict, dict]:
     over = asyncio.Event()
     task = asyncio.create_task(storm_call)
     task.add_done_callback(lambda _t: over.set())
-    rows = await prober.run(until=over)
+    try:
+        rows = await prober.run(until=over)
+    except BaseException:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
     row = await task
     return row, summarize(rows)
 
