@@ -49,8 +49,10 @@ def plot(results: Path = RESULTS, out: Path = OUT) -> Path:
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    if lat and lat.get("counts"):
-        rows = sorted(lat["counts"], key=lambda r: r["instances"])
+    measured = [r for r in (lat or {}).get("counts", ()) if any((r.get(ph) or {}).get("n") for ph in
+                                                               ("idle", "during_create_storm", "during_pause_storm"))]
+    if measured:
+        rows = sorted(measured, key=lambda r: r["instances"])
         xs = [r["instances"] for r in rows]
         for phase, label, color in (("idle", "idle", "tab:green"), ("during_create_storm", "create storm", "tab:blue"),
                                     ("during_pause_storm", "pause storm", "tab:orange")):
@@ -67,6 +69,8 @@ def plot(results: Path = RESULTS, out: Path = OUT) -> Path:
         la.legend(fontsize=8)
     else:
         la.set_axis_off()
+        la.text(0.5, 0.5, "latency: no completed measurement in\nbench/results/latency.json", ha="center",
+                va="center", transform=la.transAxes)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
