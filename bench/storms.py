@@ -167,7 +167,7 @@ def agent_writes(before: Counter, after: Counter, own: Counter) -> dict:
 
 
 async def storm(stack, custom, tracker: Tracker, sampler: RssSampler, kind: str, names: list[str],
-                count: int, timeout_s: float) -> dict:
+                count: int, timeout_s: float, node: str = NODE) -> dict:
     ns = tracker.namespace
     ids = {name: f"hard-{count}-{i}" for i, name in enumerate(names)} if kind == "reboot_hard" else {}
     pending = set(names)
@@ -192,7 +192,7 @@ async def storm(stack, custom, tracker: Tracker, sampler: RssSampler, kind: str,
         if kind == "create":
             await custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, {
                 "apiVersion": f"{GROUP}/{VERSION}", "kind": "VirtualInstance", "metadata": {"name": name},
-                "spec": {"flavor": {"vcpus": 1, "memoryMiB": 128}, "image": "", "nodeName": NODE}})
+                "spec": {"flavor": {"vcpus": 1, "memoryMiB": 128}, "image": "", "nodeName": node}})
         elif kind == "reboot_hard":
             await custom.patch_namespaced_custom_object(
                 GROUP, VERSION, ns, PLURAL, name,

@@ -16,13 +16,12 @@ rate with a client that costs nothing.
 """
 import argparse
 import asyncio
-import os
 import statistics
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from common import local_stack, write_result
+from common import host_details, local_stack, percentile, write_result
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -31,20 +30,6 @@ from novalet.api.models import VirtualInstanceStatus
 
 MERGE_PATCH = "application/merge-patch+json"
 NAMESPACE = "write-limit"
-
-
-def host_details() -> dict:
-    """What bench/common.py's machine() leaves out: the CPU and the load when the run began."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown")
-    return {"cpu_model": model, "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def status_template(node: str) -> VirtualInstanceStatus:
