@@ -75,12 +75,8 @@ class Engine:
     def is_mine(self, inst: VirtualInstance) -> bool:
         return is_mine(inst, self.node)
 
-    def preempts(self, body: dict[str, Any]) -> bool:
+    def preempts(self, inst: VirtualInstance) -> bool:
         """A watch event asks for something that must not wait behind the running task."""
-        try:
-            inst = parse(body)
-        except ValueError:
-            return False
         return self.is_mine(inst) and preempts_running_task(
             inst.spec, inst.status, inst.metadata.deletionTimestamp is not None) is not None
 

@@ -23,7 +23,7 @@ from ..core.fencing import LeaseTiming
 from ..core.reaping import ReapPolicy
 from ..kube.client import RetryForever, api_client, register_login
 from ..kube.events import EventRecorder
-from ..kube.instances import InstanceStore, parse
+from ..kube.instances import InstanceStore
 from ..kube.lease import NodeLease
 from ..virt.kvm import domain_type
 from .engine import Engine
@@ -176,9 +176,8 @@ class Agent:
         bodies = await self.store.list_all()
         keys = []
         for body in bodies:
-            if await self.unreadable.parse(body) is None:  # reported on the object, skipped
-                continue
-            if self.engine.is_mine(parse(body)):
+            inst = await self.unreadable.parse(body)  # None: reported on the object, skipped
+            if inst is not None and self.engine.is_mine(inst):
                 self.remember(body)
                 keys.append(key_of(body))
         for key in keys:
@@ -258,11 +257,12 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
             return
         if agent.store.seen(body):
             return  # the echo of the agent's own write: the reconcile that wrote it looks again
-        if await agent.unreadable.parse(body) is None:
+        inst = await agent.unreadable.parse(body)
+        if inst is None:
             return  # reported on the object; the next change is looked at again
         agent.remember(body)
         key = key_of(body)
-        if agent.engine.preempts(body):
+        if agent.engine.preempts(inst):
             if agent.queue.interrupt(key):
                 log.info("%s/%s: preempting the running reconcile", *key)
         else:
