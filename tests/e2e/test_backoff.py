@@ -36,7 +36,9 @@ async def test_a_mistyped_image_backs_off_and_a_fix_is_tried_at_once(instances, 
     body = await instances.wait("vm", lambda b: (status_of(b).get("backoff") or {}).get("failures", 0) >= 3,
                                 timeout=60, what="three failures", agents=agents)
     await asyncio.sleep(max(0.0, 16 - (time.monotonic() - started)))
-    body = await instances.get("vm")
+    # between tries, not during one (while a try runs, Stalled says the instance is in error)
+    body = await instances.wait("vm", lambda b: not status_of(b).get("taskState"), timeout=30,
+                                what="a pause between tries", agents=agents)
     status = status_of(body)
     retry = status["backoff"]
     assert retry["request"] == "spec-g2-rebuild" and "no-such-image" in retry["lastError"]
