@@ -3,8 +3,10 @@ earliest wake-up wins, retries after failures. Driven with a fake reconcile (pur
 import asyncio
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from novalet.agent.workqueue import WorkQueue
+from novalet.agent.workqueue import FairQueue, WorkQueue
 
 
 class Recorder:
@@ -179,3 +181,56 @@ async def test_many_keys_share_a_bounded_number_of_workers():
 def test_a_queue_without_workers_is_refused():
     with pytest.raises(ValueError):
         WorkQueue(Recorder(), workers=0)
+
+
+async def test_flows_take_turns_so_one_flows_storm_does_not_hold_another_flows_key():
+    rec = Recorder()
+    queue = WorkQueue(rec, workers=1, flow_of=lambda key: key[0])
+    for n in range(100):
+        queue.add(("storm", n))
+    queue.add(("tenant", 0))
+    queue.add(("tenant", 1))
+    queue.add(("other", 0))
+    queue.start()
+    await settle(queue, rounds=1000)
+    await queue.stop()
+    assert rec.calls[:6] == [("storm", 0), ("tenant", 0), ("other", 0), ("storm", 1), ("tenant", 1), ("storm", 2)]
+    assert [k for k in rec.calls if k[0] == "storm"] == [("storm", n) for n in range(100)]  # FIFO within a flow
+    assert len(rec.calls) == 103
+
+
+async def test_a_key_of_a_flow_that_ran_dry_starts_a_new_turn_behind_the_others():
+    rec = Recorder()
+    queue = WorkQueue(rec, workers=1, flow_of=lambda key: key[0])
+    queue.add(("a", 0))
+    queue.add(("b", 0))
+    queue.add(("b", 1))
+    queue.start()
+    await settle(queue, rounds=1000)
+    queue.add(("a", 1))
+    queue.add(("c", 0))
+    await settle(queue, rounds=1000)
+    await queue.stop()
+    assert rec.calls == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("c", 0)]
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcd"), st.integers(0, 50)), unique=True, max_size=60))
+def test_a_fair_queue_keeps_each_flows_order_and_serves_backlogged_flows_in_turn(keys):
+    fair = FairQueue(lambda key: key[0])
+    for key in keys:
+        fair.append(key)
+    taken = []
+    while fair:
+        taken.append(fair.popleft())
+    assert sorted(taken) == sorted(keys)
+    for flow in "abcd":
+        assert [k for k in taken if k[0] == flow] == [k for k in keys if k[0] == flow]
+    # in any stretch where every flow still has keys, no flow is served twice before another once
+    served = {flow: 0 for flow in "abcd"}
+    left = {flow: sum(1 for k in keys if k[0] == flow) for flow in "abcd"}
+    for key in taken:
+        served[key[0]] += 1
+        left[key[0]] -= 1
+        backlogged = [f for f in "abcd" if left[f] > 0]
+        if backlogged:
+            assert max(served[f] for f in backlogged) - min(served[f] for f in backlogged) <= 1

@@ -77,7 +77,8 @@ class Agent:
                               LibvirtCalls(self.args.libvirt_threads))
         self.engine = Engine(self.store, events, self.ops, self.node, self.identity,
                              self.backoff)
-        self.queue = WorkQueue(self.reconcile, workers=self.args.workers)
+        # one flow per namespace: a tenant's storm does not hold another tenant's request
+        self.queue = WorkQueue(self.reconcile, workers=self.args.workers, flow_of=lambda key: key[0])
         self.keys_by_uid: dict[str, tuple[str, str]] = {}
         self.unswept: set[tuple[str, str]] = set()  # the tenure's sweep: keys not looked at yet
         loop = asyncio.get_running_loop()

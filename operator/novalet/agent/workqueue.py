@@ -12,6 +12,11 @@ take keys and reconcile them. What client-go's `workqueue` guarantees, the shell
 - a reconcile that raises is retried after an exponential per-key delay (`retry_delay`), reset
   by the key's next success.
 
+One thing it adds: keys belong to flows (the agent's flow is the namespace, its tenant), and
+the ready keys of the flows are taken in turn, FIFO within each flow (fair queuing, as the
+apiserver's Priority and Fairness does for requests). One namespace's storm of a thousand
+creates then delays another namespace's request by one reconcile, not by the whole storm.
+
 The queue knows nothing of Kubernetes or libvirt: `reconcile(key)` returns the seconds after
 which the key wants to be looked at again, or None.
 """
@@ -24,15 +29,50 @@ from collections.abc import Awaitable, Callable, Hashable
 log = logging.getLogger(__name__)
 
 
+class FairQueue:
+    """Ready keys, FIFO within a flow, the flows taken in turn (round robin)."""
+
+    def __init__(self, flow_of: Callable[[Hashable], Hashable]):
+        self.flow_of = flow_of
+        self._flows: dict[Hashable, deque[Hashable]] = {}  # flow -> its ready keys
+        self._turns: deque[Hashable] = deque()              # the flows with ready keys, in turn
+
+    def __bool__(self) -> bool:
+        return bool(self._turns)
+
+    def append(self, key: Hashable) -> None:
+        flow = self.flow_of(key)
+        keys = self._flows.get(flow)
+        if keys is None:
+            keys = self._flows[flow] = deque()
+            self._turns.append(flow)
+        keys.append(key)
+
+    def popleft(self) -> Hashable:
+        flow = self._turns.popleft()
+        keys = self._flows[flow]
+        key = keys.popleft()
+        if keys:
+            self._turns.append(flow)  # its next key waits for every other flow's turn
+        else:
+            del self._flows[flow]
+        return key
+
+    def clear(self) -> None:
+        self._flows.clear()
+        self._turns.clear()
+
+
 class WorkQueue:
     def __init__(self, reconcile: Callable[[Hashable], Awaitable[float | None]], workers: int = 16,
-                 retry_base_s: float = 0.5, retry_cap_s: float = 60.0):
+                 retry_base_s: float = 0.5, retry_cap_s: float = 60.0,
+                 flow_of: Callable[[Hashable], Hashable] = lambda key: None):
         if workers < 1:
             raise ValueError("a work queue needs at least one worker")
         self.reconcile = reconcile
         self.workers = workers
         self.retry_base_s, self.retry_cap_s = retry_base_s, retry_cap_s
-        self._queue: deque[Hashable] = deque()
+        self._queue: FairQueue = FairQueue(flow_of)
         self._queued: dict[Hashable, float] = {}       # key -> when it was queued (monotonic)
         self._processing: dict[Hashable, asyncio.Task] = {}
         self._dirty: set[Hashable] = set()

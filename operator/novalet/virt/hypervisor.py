@@ -437,6 +437,25 @@ class Hypervisor:
                 return False
             time.sleep(self.poll_interval)
 
+    def _press_power_button(self, dom, uid: str) -> bool:
+        """Press the ACPI power button of a running domain: True if the guest now has to
+        answer; False if it was destroyed instead (a paused guest cannot see the button; a
+        press libvirt refuses is not retried)."""
+        if self._state(dom) == libvirt.VIR_DOMAIN_PAUSED:
+            self._destroy(dom)
+            return False
+        try:
+            dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_INVALID_ARG:  # libvirt's test driver: no ACPI flag
+                dom.shutdown()
+                return bool(dom.isActive())
+            if dom.isActive():
+                log.info("ACPI shutdown of %s failed (%s); destroying", uid, e)
+                self._destroy(dom)
+            return False
+        return True
+
     @staticmethod
     def _destroy(dom) -> None:
         if not dom.isActive():
@@ -603,12 +622,7 @@ class Hypervisor:
             dom = self._find(conn, uid)
             if dom is None or not dom.isActive():
                 return False
-            if graceful and self._state(dom) != libvirt.VIR_DOMAIN_PAUSED:
-                try:
-                    dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-                except libvirt.libvirtError as e:
-                    if dom.isActive():
-                        log.info("ACPI shutdown of %s failed (%s); destroying", uid, e)
+            if graceful and self._press_power_button(dom, uid):
                 if self._wait_state(dom, {libvirt.VIR_DOMAIN_SHUTOFF}, timeout_s):
                     return True
                 log.info("guest %s ignored ACPI shutdown for %.0fs; destroying", uid, timeout_s)
@@ -731,22 +745,7 @@ class Hypervisor:
 
         def fn(conn):
             dom = self._find(conn, uid)
-            if dom is None or not dom.isActive():
-                return False
-            if self._state(dom) == libvirt.VIR_DOMAIN_PAUSED:
-                self._destroy(dom)
-                return False
-            try:
-                dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-            except libvirt.libvirtError as e:
-                if e.get_error_code() == libvirt.VIR_ERR_INVALID_ARG:  # libvirt's test driver: no ACPI flag
-                    dom.shutdown()
-                    return dom.isActive()
-                if dom.isActive():
-                    log.info("ACPI shutdown of %s failed (%s); destroying", uid, e)
-                    self._destroy(dom)
-                return False
-            return True
+            return dom is not None and dom.isActive() and self._press_power_button(dom, uid)
 
         return self._call(f"stop {uid}", fn)
 
