@@ -131,3 +131,25 @@ async def test_controller_manager_creates_service_account_and_root_ca(namespace,
             break
         assert time.monotonic() < deadline, f"controllers did not run: sa={sas} cm={cms}"
         await asyncio.sleep(0.2)
+
+
+async def test_the_store_lists_every_instance_a_page_at_a_time(crds, namespace, kube_api, monkeypatch):
+    from novalet.kube import instances
+
+    api = client.CustomObjectsApi(kube_api)
+    names = {f"paged-{n}" for n in range(5)}
+    for name in names:
+        await api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _instance(name))
+    pages = []
+    listing = api.list_cluster_custom_object
+
+    async def counted(*args, **kwargs):
+        pages.append(kwargs.get("limit"))
+        return await listing(*args, **kwargs)
+
+    monkeypatch.setattr(instances, "LIST_PAGE", 2)
+    store = instances.InstanceStore(kube_api)
+    monkeypatch.setattr(store.custom, "list_cluster_custom_object", counted)
+    listed = {b["metadata"]["name"] async for b in store.list_all() if b["metadata"]["namespace"] == namespace}
+    assert listed == names
+    assert len(pages) >= 3 and set(pages) == {2}

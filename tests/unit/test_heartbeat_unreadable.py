@@ -16,7 +16,8 @@ class Store:
         self.bodies, self.written = bodies, []
 
     async def list_all(self):
-        return self.bodies
+        for body in self.bodies:
+            yield body
 
     async def write_status(self, body, status):
         self.written.append((body["metadata"]["name"], status))

@@ -44,3 +44,10 @@ def test_forget_drops_the_body(store):
     store.remember(body("3"))
     store.forget("ns", "vm")
     assert not store.seen(body("3"))
+
+
+async def test_each_read_is_a_fresh_copy_no_caller_changes_what_another_reads(store):
+    store.remember(body("10"))
+    first = await store.read("ns", "vm")
+    first["metadata"]["resourceVersion"] = "changed by a caller"
+    assert (await store.read("ns", "vm"))["metadata"]["resourceVersion"] == "10"

@@ -23,7 +23,7 @@ from ..core.fencing import LeaseTiming
 from ..core.reaping import ReapPolicy
 from ..kube.client import RetryForever, api_client, register_login
 from ..kube.events import EventRecorder
-from ..kube.instances import InstanceStore
+from ..kube.instances import LIST_PAGE, InstanceStore
 from ..kube.lease import NodeLease
 from ..virt.kvm import domain_type
 from .engine import Engine
@@ -174,16 +174,16 @@ class Agent:
 
     async def sweep(self) -> list[tuple[str, str]]:
         """Queue every instance of this node; reap orphans. Returns the keys queued."""
-        bodies = await self.store.list_all()
-        keys = []
-        for body in bodies:
+        keys, uids = [], set()
+        async for body in self.store.list_all():
+            uids.add(body["metadata"]["uid"])  # unreadable ones count for the reaper: they exist
             inst = await self.unreadable.parse(body)  # None: reported on the object, skipped
             if inst is not None and self.engine.is_mine(inst):
                 self.remember(body)
                 keys.append(key_of(body))
         for key in keys:
             self.queue.add(key)
-        await self.reaper.sweep({b["metadata"]["uid"] for b in bodies})  # unreadable ones count: they exist
+        await self.reaper.sweep(uids)
         return keys
 
     async def resync(self) -> None:
@@ -240,6 +240,10 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.posting.enabled = False          # our Events say what happened, once
         settings.watching.server_timeout = 300
+        # memory at a thousand instances: the initial list a page at a time, and kopf's
+        # per-object worker (holding the object's last event) gone soon after its event
+        settings.watching.chunk_size = LIST_PAGE
+        settings.queueing.idle_timeout = 1.0
         settings.networking.error_backoffs = RetryForever()
         await agent.start()
         loop = asyncio.get_running_loop()

@@ -112,7 +112,6 @@ class OrphanReaper:
         if not self.active():
             return  # the next tenure's sweep looks again
         try:
-            bodies = await self.store.list_all()
-            await self.sweep({b["metadata"]["uid"] for b in bodies})
+            await self.sweep({b["metadata"]["uid"] async for b in self.store.list_all()})
         except Exception as error:  # noqa: BLE001 - the next resync looks again
             log.warning("orphan check failed: %s", error or type(error).__name__)

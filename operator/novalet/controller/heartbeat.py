@@ -64,7 +64,7 @@ class HeartbeatWatch:
         now = datetime.now(UTC)
         leases = await self.leases()
         marked = 0
-        for body in await self.store.list_all():
+        async for body in self.store.list_all():
             try:
                 inst = parse(body)
             except ValidationError as error:  # a newer version's object: not for this controller
