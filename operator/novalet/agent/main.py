@@ -232,6 +232,20 @@ def key_of(body: dict[str, Any]) -> tuple[str, str]:
     return body["metadata"]["namespace"], body["metadata"]["name"]
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """The agent has on-event handlers only: kopf's diff of each event against the last handled
+    essence (a deep copy of every body) is never used, so none is built, kept or written."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        pass
+
+
 def build_registry(agent: Agent) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     register_login(registry)
@@ -244,6 +258,7 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
         # per-object worker (holding the object's last event) gone soon after its event
         settings.watching.chunk_size = LIST_PAGE
         settings.queueing.idle_timeout = 1.0
+        settings.persistence.diffbase_storage = NoDiffBase()
         settings.networking.error_backoffs = RetryForever()
         await agent.start()
         loop = asyncio.get_running_loop()

@@ -4,8 +4,10 @@ The same Event again (same object, reason, note and type: a failing step retried
 on the Event first posted (events.k8s.io `series`: count and last time), as client-go's event
 recorder does, instead of posted anew.
 """
+import json
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,21 +31,23 @@ class EventRecorder:
                    action: str = "Reconcile") -> None:
         meta = body["metadata"]
         now = datetime.now(UTC)
-        event = client.EventsV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}-", namespace=meta["namespace"]),
-            event_time=now, action=action, reason=reason, note=note[:1024],
-            type="Warning" if warning else "Normal",
-            reporting_controller=self.component, reporting_instance=self.instance,
-            regarding=client.V1ObjectReference(
-                api_version=body["apiVersion"], kind=body["kind"], name=meta["name"],
-                namespace=meta["namespace"], uid=meta["uid"], resource_version=meta.get("resourceVersion")))
-        key = (meta["uid"], reason, event.note, event.type)
+        event = {  # a plain body: kubernetes_asyncio's models cost more CPU than the post itself
+            "apiVersion": "events.k8s.io/v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}-", "namespace": meta["namespace"]},
+            "eventTime": _micro_time(now), "action": action, "reason": reason, "note": note[:1024],
+            "type": "Warning" if warning else "Normal",
+            "reportingController": self.component, "reportingInstance": self.instance,
+            "regarding": {"apiVersion": body["apiVersion"], "kind": body["kind"], "name": meta["name"],
+                          "namespace": meta["namespace"], "uid": meta["uid"],
+                          "resourceVersion": meta.get("resourceVersion")}}
+        key = (meta["uid"], reason, event["note"], event["type"])
         self.guard("post an Event")
         try:
             if key in self._posted and await self._count_again(key, now):
                 return
-            posted = await self.events.create_namespaced_event(meta["namespace"], event)
-            self._remember(key, (meta["namespace"], posted.metadata.name, 1))
+            posted = await self._answer(self.events.create_namespaced_event(
+                meta["namespace"], event, _preload_content=False))
+            self._remember(key, (meta["namespace"], posted["metadata"]["name"], 1))
         except ApiException as error:  # an Event is best effort: never fail an action for it
             log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"],
                         meta["name"], error.reason)
@@ -51,9 +55,10 @@ class EventRecorder:
     async def _count_again(self, key: tuple[str, ...], now: datetime) -> bool:
         """Count a repeat on the Event posted first; False when that Event is gone (expired)."""
         namespace, name, count = self._posted[key]
-        series = {"series": {"count": count + 1, "lastObservedTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}}
+        series = {"series": {"count": count + 1, "lastObservedTime": _micro_time(now)}}
         try:
-            await self.events.patch_namespaced_event(name, namespace, series)
+            await self._answer(self.events.patch_namespaced_event(name, namespace, series,
+                                                                  _preload_content=False))
         except ApiException as error:
             if error.status != 404:
                 raise
@@ -62,8 +67,22 @@ class EventRecorder:
         self._remember(key, (namespace, name, count + 1))
         return True
 
+    @staticmethod
+    async def _answer(request: Awaitable[Any]) -> dict[str, Any]:
+        """The answer's JSON, or ApiException: the raw response, not a model built from it."""
+        response = await request
+        async with response:
+            payload = await response.read()
+        if not 200 <= response.status <= 299:
+            raise ApiException(status=response.status, reason=response.reason)
+        return json.loads(payload)
+
     def _remember(self, key: tuple[str, ...], value: tuple[str, str, int], limit: int = 4096) -> None:
         self._posted[key] = value
         self._posted.move_to_end(key)
         while len(self._posted) > limit:
             self._posted.popitem(last=False)
+
+
+def _micro_time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

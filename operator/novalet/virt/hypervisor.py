@@ -537,7 +537,7 @@ class Hypervisor:
             info = dom.info()
             meta = self._meta(dom)
             managed = bool(dom.hasManagedSaveImage(0)) if state == libvirt.VIR_DOMAIN_SHUTOFF else False
-            active = dom.isActive()
+            active = dom.ID() != -1  # the id the lookup returned (-1: not running), no round trip
             return DomainFacts(
                 exists=True, power_state=POWER_STATES.get(state, "nostate"),
                 config=meta.config if meta else None, vcpus=info[3], memory_mib=info[1] // 1024,
