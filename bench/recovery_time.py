@@ -116,7 +116,8 @@ async def seed_one(custom, ns: str, node: str, i: int, now: str, dead_owner: str
 
 
 async def run(stack, index: int, count: int = COUNT, timeout_s: float = 600.0) -> dict:
-    from storms import Tracker  # storms imports this module's node_xml
+    from api_cost import request_counts
+    from storms import Tracker, agent_writes  # storms imports this module's node_xml
 
     ns, node = f"bench-{index}", f"bench-{index}"
     stack.control_plane.kubectl("create", "namespace", ns)
@@ -147,6 +148,7 @@ async def run(stack, index: int, count: int = COUNT, timeout_s: float = 600.0) -
                 idle_since[0] = time.monotonic()
 
         watching = asyncio.create_task(tracker.run())
+        before = await asyncio.to_thread(request_counts, stack.control_plane)
         started = time.monotonic()
         agent = stack.agent(node, stack.workdir / "pool", "--libvirt-uri", f"test://{driver_file}")
         tracker.check = check
@@ -159,6 +161,7 @@ async def run(stack, index: int, count: int = COUNT, timeout_s: float = 600.0) -
                     raise TimeoutError(f"{left} still in a task after {timeout_s:g} s")
                 await asyncio.sleep(0.1)
             elapsed = idle_since[0] - started
+            writes = agent_writes(before, await asyncio.to_thread(request_counts, stack.control_plane), Counter())
             items = list(tracker.objects.values())
             outcomes = Counter(f"{(i['status'].get('lastAction') or {}).get('name')} "
                                f"{(i['status'].get('lastAction') or {}).get('result')} -> {i['status']['vmState']}"
@@ -170,7 +173,10 @@ async def run(stack, index: int, count: int = COUNT, timeout_s: float = 600.0) -
     times = sorted(seen_done.values())
     return {"instances": count, "guests": "libvirt test driver", "seconds_to_last": round(elapsed, 2),
             "median_seconds_per_instance_done": round(statistics.median(times), 2) if times else None,
-            "deleted": count - len(items), "outcomes": dict(outcomes)}
+            "deleted": count - len(items), "outcomes": dict(outcomes),
+            "agent_writes": {k: v for k, v in writes.items() if k != "requests"},
+            "agent_writes_per_s": round(sum(writes[k] for k in ("status_writes", "object_writes", "event_writes"))
+                                        / elapsed, 1)}
 
 
 async def measure(stack, count: int = COUNT, runs: int = RUNS, timeout_s: float = 600.0, first_index: int = 0) -> dict:
@@ -181,7 +187,9 @@ async def measure(stack, count: int = COUNT, runs: int = RUNS, timeout_s: float 
             "measured_with": "one watch on the namespace", "runs_seconds_to_last": seconds,
             "median_seconds_to_last": statistics.median(seconds),
             "median_seconds_per_instance_done_first_run": results[0]["median_seconds_per_instance_done"],
-            "outcomes_first_run": results[0]["outcomes"], "deleted_first_run": results[0]["deleted"]}
+            "outcomes_first_run": results[0]["outcomes"], "deleted_first_run": results[0]["deleted"],
+            "agent_writes_first_run": results[0]["agent_writes"],
+            "agent_writes_per_s_first_run": results[0]["agent_writes_per_s"]}
 
 
 def report(result: dict) -> None:
@@ -191,6 +199,10 @@ def report(result: dict) -> None:
     for outcome, n in sorted(result["outcomes_first_run"].items()):
         print(f"  {n:4d}  {outcome}")
     print(f"  {result['deleted_first_run']:4d}  deleted")
+    writes = result["agent_writes_first_run"]
+    print(f"  the agent's writes (apiserver_request_total): {writes['status_writes']} status, "
+          f"{writes['object_writes']} object, {writes['event_writes']} Events; "
+          f"{result['agent_writes_per_s_first_run']} writes/s")
 
 
 def result_name(count: int) -> str:
