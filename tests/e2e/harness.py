@@ -174,5 +174,16 @@ class Instances:
                                + (f" after {last_id}" if last_id else ""), agents)
 
 
+async def events_until(kube_api, namespace: str, done: Callable[[list], bool], timeout: float = 20.0) -> list:
+    """The namespace's Events once `done(events)` holds: the agent posts Events asynchronously,
+    so they may trail the status write they describe by a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = (await client.EventsV1Api(kube_api).list_namespaced_event(namespace)).items
+        if done(events) or time.monotonic() > deadline:
+            return events
+        await asyncio.sleep(0.25)
+
+
 def status_of(body: dict[str, Any]) -> dict[str, Any]:
     return body.get("status") or {}

@@ -19,7 +19,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from novalet.controller.main import WEBHOOK_NAME
 
-from .harness import Instances, status_of, unique_node
+from .harness import Instances, events_until, status_of, unique_node
 
 pytestmark = pytest.mark.stack
 FLAVOR = {"vcpus": 1, "memoryMiB": 128}
@@ -205,8 +205,9 @@ async def test_a_lock_holds_against_everyone_but_its_locker_and_admins(instances
     assert f"unlocked (was locked by {alice.name})" in status_of(body)["lastAction"]["message"]
     await bob.instances.patch_spec("vm", {"powerState": "Running"})  # unlocked: anyone who may edit
     await instances.wait_idle("vm", "active", agents=agents)
-    events = await client.EventsV1Api(kube_api).list_namespaced_event(instances.namespace)
-    assert {"Locked", "Unlocked"} <= {e.reason for e in events.items}
+    events = await events_until(kube_api, instances.namespace,
+                                lambda items: {"Locked", "Unlocked"} <= {e.reason for e in items})
+    assert {"Locked", "Unlocked"} <= {e.reason for e in events}
 
     # an administrator may unlock someone else's lock, and delete a locked instance
     await alice.instances.request("vm", {"name": "Lock", "id": "lock-2"})
@@ -260,9 +261,9 @@ async def test_set_password_uses_only_a_secret_the_requester_may_read(
     log = agent.log.read_text(errors="replace")
     assert " DEBUG " in log  # --verbose really logs at debug
     assert "response body" in log  # ... including kubernetes_asyncio's API responses
-    events = await client.EventsV1Api(kube_api).list_namespaced_event(namespace)
-    notes = " ".join(f"{e.note} {e.reason}" for e in events.items)
-    assert "pw-1" in notes
+    events = await events_until(kube_api, namespace, lambda items: any("pw-bin" in (e.note or "") for e in items))
+    notes = " ".join(f"{e.note} {e.reason}" for e in events)
+    assert "pw-1" in notes and "pw-bin" in notes
     status = json.dumps(status_of(await instances.get("vm")))
     for where, text in (("agent log", log), ("Events", notes), ("status", status), ("process list",
                                                                                   " ".join(seen_in_ps))):

@@ -6,10 +6,9 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from kubernetes_asyncio import client
 
 from .conftest import TINY
-from .harness import status_of, unique_node
+from .harness import events_until, status_of, unique_node
 
 pytestmark = pytest.mark.stack
 FLAVOR = {"vcpus": 1, "memoryMiB": 128}
@@ -19,9 +18,14 @@ def condition(body: dict, kind: str) -> dict:
     return next((c for c in status_of(body).get("conditions", []) if c["type"] == kind), {})
 
 
-async def events_of(kube_api, namespace: str, uid: str) -> list:
-    events = await client.EventsV1Api(kube_api).list_namespaced_event(namespace)
-    return [e for e in events.items if e.regarding.uid == uid]
+def rebuild_failures(events: list) -> list:
+    return [e for e in events if e.reason == "Failed" and "spec-g2-rebuild" in e.note]
+
+
+def counted(events: list, times: int) -> bool:
+    """The rebuild's failures are on one Event, counted at least `times` times."""
+    failures = rebuild_failures(events)
+    return len(failures) == 1 and failures[0].series is not None and failures[0].series.count >= times
 
 
 async def test_a_mistyped_image_backs_off_and_a_fix_is_tried_at_once(instances, agents, kube_api, namespace):
@@ -50,10 +54,9 @@ async def test_a_mistyped_image_backs_off_and_a_fix_is_tried_at_once(instances, 
     assert f"next retry at {retry['nextRetryAt'].replace('Z', '+00:00')}" in stalled["message"], stalled
     assert condition(body, "Ready")["status"] == "False"
 
-    events = await events_of(kube_api, namespace, uid)
-    rebuild_failures = [e for e in events if e.reason == "Failed" and "spec-g2-rebuild" in e.note]
-    assert len(rebuild_failures) == 1, [e.note for e in events]  # one Event, counted
-    assert rebuild_failures[0].series is not None and rebuild_failures[0].series.count >= retry["failures"] - 1
+    events = [e for e in await events_until(kube_api, namespace, lambda items: counted(
+        [e for e in items if e.regarding.uid == uid], retry["failures"] - 1)) if e.regarding.uid == uid]
+    assert counted(events, retry["failures"] - 1), [e.note for e in events]  # one Event, counted
     assert len(events) <= 8, [f"{e.reason}: {e.note}" for e in events]  # create's two, the rebuild's
 
     # the fix is a new generation: tried at once, not at the next retry time

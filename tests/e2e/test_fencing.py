@@ -60,9 +60,10 @@ async def holder_and_standby(agents, kube_api, node: str, freeze_at: str | None 
     return holder, agents.start(node, extra_args=TIMING, **options)
 
 
-async def event_count(kube_api, namespace: str) -> int:
+async def event_count(kube_api, namespace: str, pid: int) -> int:
+    """Events posted by the agent process `pid` (its identity names it: node/host/pid/nonce)."""
     events = await client.EventsV1Api(kube_api).list_namespaced_event(namespace)
-    return len(events.items)
+    return sum(1 for e in events.items if f"/{pid}/" in (e.reporting_instance or ""))
 
 
 async def assert_woken_holder_does_nothing(instances, kube_api, events: lv.DomainEvents, frozen, node: str,
@@ -71,7 +72,7 @@ async def assert_woken_holder_does_nothing(instances, kube_api, events: lv.Domai
     resourceVersion, no new Event, the Lease stays with the standby, the old holder runs on."""
     body = await instances.get("vm")
     version = body["metadata"]["resourceVersion"]
-    posted = await event_count(kube_api, instances.namespace)
+    posted = await event_count(kube_api, instances.namespace, frozen.process.pid)
     woke = time.monotonic()
     os.kill(frozen.process.pid, signal.SIGCONT)
     await asyncio.sleep(watch_s)
@@ -79,7 +80,7 @@ async def assert_woken_holder_does_nothing(instances, kube_api, events: lv.Domai
     body = await instances.get("vm")
     assert body["metadata"]["resourceVersion"] == version, (
         f"the object was written after the old holder woke: {status_of(body)}\n{frozen.tail()}")
-    assert await event_count(kube_api, instances.namespace) == posted
+    assert await event_count(kube_api, instances.namespace, frozen.process.pid) == posted
     assert pid_of(await lease_holder(kube_api, node)) == standby_pid
     assert frozen.process.poll() is None, "the old holder must stand by, not exit"
     assert "fenced" in frozen.log.read_text(), frozen.tail()

@@ -11,6 +11,14 @@ class Queue:
         pass
 
 
+class Events:
+    async def flush(self, timeout_s):
+        return True
+
+    async def close(self, timeout_s):
+        pass
+
+
 class HungLease:
     released = False
 
@@ -26,7 +34,7 @@ class RefusedLease:
 async def stop_with(lease, monkeypatch) -> None:
     monkeypatch.setattr(main, "RELEASE_TIMEOUT_S", 0.05)
     agent = SimpleNamespace(background=[], lease_held=asyncio.Event(), activation=None, queue=Queue(),
-                            lease=lease, node="n1")
+                            lease=lease, node="n1", events=Events())
     await asyncio.wait_for(main.Agent.stop(agent), timeout=5)
 
 

@@ -35,6 +35,7 @@ from .unreadable import Unreadable
 from .workqueue import WorkQueue
 
 log = logging.getLogger("novalet.agent")
+EVENTS_FLUSH_S = 1.0  # a clean stop posts the Events queued so far, for at most this long
 RELEASE_TIMEOUT_S = 3.0  # a clean stop takes well under the 10 s DESIGN.md allows (SIGTERM to exit)
 
 
@@ -59,7 +60,7 @@ class Agent:
 
         api = await api_client()
         self.store = InstanceStore(api, guard=self.fence.check)
-        events = EventRecorder(api, "novalet.io/agent", self.identity, guard=self.fence.check)
+        self.events = events = EventRecorder(api, "novalet.io/agent", self.identity, guard=self.fence.check)
         # the Lease gets a client (and connection pool) of its own: renewals must never queue
         # behind the node's instance traffic, or a busy agent fences itself
         self.lease = NodeLease(await api_client(), self.args.lease_namespace, self.node, self.identity,
@@ -119,9 +120,11 @@ class Agent:
         start 5 s before cancelling them)."""
         for task in self.background:
             task.cancel()
+        await self.events.flush(EVENTS_FLUSH_S)  # what the work so far said, while the fence holds
         if self.lease_held.is_set() or self.activation:
             self.stand_down("the agent is stopping", stopping=True)
         await asyncio.gather(self.queue.stop(), *self.background, return_exceptions=True)
+        await self.events.close(timeout_s=0)
         try:  # an apiserver that does not answer must not keep the agent from exiting
             await asyncio.wait_for(self.lease.release(), timeout=RELEASE_TIMEOUT_S)
         except Exception as error:  # noqa: BLE001 - the Lease then expires and a standby takes over

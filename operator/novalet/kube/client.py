@@ -7,7 +7,6 @@ from typing import Any
 import kopf
 from kubernetes_asyncio import client, config
 
-
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 

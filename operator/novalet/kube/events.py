@@ -3,7 +3,14 @@
 The same Event again (same object, reason, note and type: a failing step retried) is counted
 on the Event first posted (events.k8s.io `series`: count and last time), as client-go's event
 recorder does, instead of posted anew.
+
+Posting is asynchronous, as client-go's is: `emit` queues the Event and returns, and a few
+senders post them (an object's Events all by one sender, in order). A reconcile never waits on
+an Event, so a request's libvirt call does not queue behind one, and Events take a bounded share
+of the apiserver's writes in a storm (they trail the status writes then). An Event is best
+effort: one that cannot be posted, or that finds the backlog full, is dropped and logged.
 """
+import asyncio
 import json
 import logging
 from collections import OrderedDict
@@ -21,11 +28,17 @@ log = logging.getLogger(__name__)
 
 class EventRecorder:
     def __init__(self, api: client.ApiClient, component: str, instance: str,
-                 guard: WriteGuard = no_guard):
-        """`guard(what)` runs right before every write and raises to refuse it (the agent's fence)."""
+                 guard: WriteGuard = no_guard, senders: int = 4, backlog: int = 4096):
+        """`guard(what)` runs when an Event is emitted and again right before it is posted, and
+        raises to refuse it (the agent's fence: a fenced agent posts nothing, not even what it
+        emitted before)."""
         self.events = client.EventsV1Api(api)
         self.component, self.instance, self.guard = component, instance, guard
+        self.senders, self.backlog = senders, backlog
         self._posted: OrderedDict[tuple[str, ...], tuple[str, str, int]] = OrderedDict()  # -> ns, name, count
+        self._queues: list[asyncio.Queue] = []
+        self._tasks: list[asyncio.Task] = []
+        self.dropped = 0
 
     async def emit(self, body: dict[str, Any], reason: str, note: str, warning: bool = False,
                    action: str = "Reconcile") -> None:
@@ -42,15 +55,56 @@ class EventRecorder:
                           "resourceVersion": meta.get("resourceVersion")}}
         key = (meta["uid"], reason, event["note"], event["type"])
         self.guard("post an Event")
+        if not self._tasks:
+            self._start()
         try:
-            if key in self._posted and await self._count_again(key, now):
-                return
-            posted = await self._answer(self.events.create_namespaced_event(
-                meta["namespace"], event, _preload_content=False))
-            self._remember(key, (meta["namespace"], posted["metadata"]["name"], 1))
-        except ApiException as error:  # an Event is best effort: never fail an action for it
-            log.warning("could not post event %s for %s/%s: %s", reason, meta["namespace"],
-                        meta["name"], error.reason)
+            self._queues[hash(meta["uid"]) % len(self._queues)].put_nowait((key, event, now))
+        except asyncio.QueueFull:
+            self.dropped += 1
+            log.warning("event backlog full (%d): dropped %s for %s/%s", self.backlog, reason,
+                        meta["namespace"], meta["name"])
+
+    def _start(self) -> None:
+        self._queues = [asyncio.Queue(maxsize=self.backlog) for _ in range(self.senders)]
+        self._tasks = [asyncio.create_task(self._send_from(queue), name=f"novalet-events-{n}")
+                       for n, queue in enumerate(self._queues)]
+
+    async def _send_from(self, queue: asyncio.Queue) -> None:
+        while True:
+            key, event, now = await queue.get()
+            try:
+                self.guard("post an Event")
+                await self._post(key, event, now)
+            except Exception as error:  # noqa: BLE001 - best effort: never fail an action for an Event
+                self.dropped += 1
+                log.warning("could not post event %s for %s/%s: %s", event["reason"],
+                            event["metadata"]["namespace"], event["regarding"]["name"],
+                            getattr(error, "reason", None) or error or type(error).__name__)
+            finally:
+                queue.task_done()
+
+    async def _post(self, key: tuple[str, ...], event: dict[str, Any], now: datetime) -> None:
+        if key in self._posted and await self._count_again(key, now):
+            return
+        namespace = event["metadata"]["namespace"]
+        posted = await self._answer(self.events.create_namespaced_event(namespace, event, _preload_content=False))
+        self._remember(key, (namespace, posted["metadata"]["name"], 1))
+
+    async def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every Event emitted so far is posted (or dropped); False on timeout."""
+        try:
+            await asyncio.wait_for(asyncio.gather(*(queue.join() for queue in self._queues)), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout_s: float = 1.0) -> None:
+        """Post what is queued (for at most `timeout_s`), then stop the senders."""
+        await self.flush(timeout_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks, self._queues = [], []
 
     async def _count_again(self, key: tuple[str, ...], now: datetime) -> bool:
         """Count a repeat on the Event posted first; False when that Event is gone (expired)."""
