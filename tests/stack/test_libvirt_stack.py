@@ -104,9 +104,7 @@ def test_running_domain_survives_libvirtd_restart(libvirt_uri, libvirtd, domain_
     daemon_pid_before = libvirtd.pid
     conn.close()
 
-    t0 = time.monotonic()
     libvirtd.restart()
-    assert time.monotonic() - t0 < 5, "restart must be fast"
     assert libvirtd.pid != daemon_pid_before
 
     conn = libvirt.open(libvirt_uri)

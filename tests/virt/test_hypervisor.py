@@ -68,7 +68,10 @@ def test_diskless_guest_ignores_acpi(hv, new_instance):
     hv.start(spec.uid)
     f = hv.facts(spec.uid)
     assert f.power_state == "running" and f.image == "" and not hv.images.disk_path(spec.uid).exists()
-    assert hv.reboot_soft(spec.uid, timeout_s=4) is False  # caller escalates
+    pressed = hv.press_reboot(spec.uid)
+    assert pressed is not None
+    time.sleep(4)
+    assert hv.reboots(spec.uid) == pressed  # no reset: the agent escalates at the deadline
     hv.reboot_hard(spec.uid)
     assert hv.facts(spec.uid).power_state == "running"
     t0 = time.monotonic()
@@ -81,15 +84,20 @@ def test_reboot_soft_tiny_guest(hv, new_instance):
     spec = new_instance()
     booted(hv, spec)
     t0 = time.monotonic()
-    assert hv.reboot_soft(spec.uid, timeout_s=60) is True
+    pressed = hv.press_reboot(spec.uid)
+    assert pressed is not None
+    reset_by = time.monotonic() + 60
+    while hv.reboots(spec.uid) == pressed:  # libvirt's REBOOT event counts the reset
+        assert time.monotonic() < reset_by, "the guest did not reset within 60 s"
+        time.sleep(0.1)
     ready(hv, spec.uid, occurrence=2)
     print(f"ACPI reboot back to ready in {time.monotonic() - t0:.1f}s")
     assert hv.facts(spec.uid).power_state == "running"
 
 
-def test_reboot_soft_not_running_returns_false(hv, new_instance):
+def test_reboot_soft_not_running_has_nothing_to_press(hv, new_instance):
     spec = new_instance()
-    assert hv.reboot_soft(spec.uid, timeout_s=1) is False
+    assert hv.press_reboot(spec.uid) is None  # the agent reboots hard instead
 
 
 def test_reboot_hard_boots_again(hv, new_instance):

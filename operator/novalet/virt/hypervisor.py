@@ -13,10 +13,11 @@ Events are re-registered on every new connection; events that happened while dis
 lost, so the agent's periodic sync (``facts``) stays the source of truth.
 
 Power: ``stop(graceful=True)`` presses the ACPI power button
-(``VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN``), waits, then destroys. ``reboot_soft`` uses
+(``VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN``), waits, then destroys. ``press_reboot`` uses
 ``VIR_DOMAIN_REBOOT_ACPI_POWER_BTN``: libvirt's QEMU driver presses the power button and, when the
 guest powers off, resets it instead of stopping it ("fake reboot"); the reset arrives as a
-``VIR_DOMAIN_EVENT_ID_REBOOT`` event, which is what ``reboot_soft`` waits for. The guest agent is
+``VIR_DOMAIN_EVENT_ID_REBOOT`` event, counted by ``reboots`` (the agent waits for the count to
+grow, with a deadline: core/waits.py). The guest agent is
 deliberately not used for power (its absence would only add a timeout).
 """
 
@@ -222,7 +223,6 @@ class Hypervisor:
         self._callback_ids: list[int] = []
         self._subscribers: dict[int, EventCallback] = {}
         self._next_token = 1
-        self._reboot_waiters: dict[str, list[threading.Event]] = {}
         self._reboots: dict[str, int] = {}  # uid -> guest resets libvirt reported (REBOOT events)
         ensure_event_loop()
 
@@ -316,8 +316,6 @@ class Hypervisor:
             except libvirt.libvirtError:
                 return
             self._reboots[uid] = self._reboots.get(uid, 0) + 1
-            for ev in list(self._reboot_waiters.get(uid, ())):
-                ev.set()
             self._dispatch(dom, "REBOOTED", "")
 
         try:
@@ -691,32 +689,6 @@ class Hypervisor:
             dom.create()
 
         self._call(f"resume {uid}", fn)
-
-    def reboot_soft(self, uid: str, timeout_s: float = 60.0) -> bool:
-        """ACPI reboot; True only if libvirt reported the guest's reset within timeout_s.
-
-        False if the guest ignored the request or is not running: the caller escalates to hard.
-        """
-        uid = str(uuidlib.UUID(uid))
-        ev = threading.Event()
-        self._reboot_waiters.setdefault(uid, []).append(ev)
-        try:
-            def fn(conn):
-                dom = self._require(conn, uid, "soft reboot")
-                if self._state(dom) not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
-                    return False
-                dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
-                return True
-
-            if not self._call(f"soft reboot {uid}", fn):
-                return False
-            return ev.wait(timeout_s)
-        finally:
-            waiters = self._reboot_waiters.get(uid, [])
-            if ev in waiters:
-                waiters.remove(ev)
-            if not waiters:
-                self._reboot_waiters.pop(uid, None)
 
     def reboots(self, uid: str) -> int:
         """How many guest resets libvirt has reported for `uid` since this process connected."""
