@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=_positive_int, default=16,
                      help="instances reconciled at once (the work queue's workers; default 16: the "
                           "apiserver's conditional writes saturate near 16 writers, docs/benchmarks.md)")
+    run.add_argument("--metrics-port", type=int, default=0,
+                     help="serve Prometheus metrics on this port (0: off; docs/operations.md)")
+    run.add_argument("--metrics-address", default="127.0.0.1",
+                     help="address the metrics listen on (0.0.0.0 in a pod, for Prometheus to scrape)")
     run.add_argument("--verbose", action="store_true")
     run.set_defaults(func=_run)
 

@@ -8,13 +8,14 @@ wait on the guest (a soft reboot, an ACPI stop): that is a deadline in `currentT
 instance is looked at again when libvirt reports the guest's answer or the deadline comes.
 """
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .. import FINALIZER
-from ..api.models import InstanceLock, VirtualInstance, VirtualInstanceStatus
+from ..api.models import CurrentTask, InstanceLock, VirtualInstance, VirtualInstanceStatus
 from ..api.policies import REQUESTED_BY
 from ..core import authorization, backoff, conditions, policy, recovery, transitions, waits
 from ..core.backoff import BackoffPolicy
@@ -26,6 +27,7 @@ from ..core.vocabulary import Action, Op, PowerState, VmState
 from ..kube.events import EventRecorder
 from ..kube.instances import Conflict, Gone, InstanceStore, parse
 from .crashpoints import crash_if
+from .metrics import AgentMetrics
 from .operations import OperationError, Operations
 
 log = logging.getLogger(__name__)
@@ -65,9 +67,11 @@ def _with_agent_ready(status: VirtualInstanceStatus, node: str) -> VirtualInstan
 
 class Engine:
     def __init__(self, store: InstanceStore, events: EventRecorder, ops: Operations, node: str,
-                 owner: str, backoff_policy: BackoffPolicy = DEFAULT_BACKOFF):
+                 owner: str, backoff_policy: BackoffPolicy = DEFAULT_BACKOFF, metrics: AgentMetrics | None = None):
         self.store, self.events, self.ops = store, events, ops
         self.backoff_policy = backoff_policy
+        self.metrics = metrics or AgentMetrics()
+        self._began: dict[str, float] = {}  # task id -> monotonic start, for tasks begun here
         self.node, self.owner = node, owner
         self._waits: dict[str, Wait] = {}  # uid -> the wait this tenure started
 
@@ -106,6 +110,7 @@ class Engine:
     def forget_waits(self) -> None:
         """The tenure ended: a new one recovers every task on record (the table decides)."""
         self._waits.clear()
+        self._began.clear()
 
     def forget(self, uid: str) -> None:
         self._waits.pop(uid, None)
@@ -163,6 +168,7 @@ class Engine:
                     update={"observedGeneration": current.metadata.generation})  # the spec it acted on
                 return await self.store.write_status(body, status)
             except Conflict:
+                self.metrics.conflicts.inc()
                 if guard is None:
                     raise
                 body = await self.store.get(*_key(body))
@@ -190,6 +196,8 @@ class Engine:
         body = await self._cas(body, lambda s: transitions.begin(
             s, plan, request.id, self.owner, now(), facts.power_state, target_flavor, target_image,
             handled=request.imperative, requested_by=request.requested_by), guard=None)
+        self.metrics.tasks_started.labels(request.action.value).inc()
+        self._began[request.id] = time.monotonic()
         await self.events.emit(body, "Started", f"{request.action.value} {request.id}: "
                                                 f"{plan.steps[0].task_state.value}")
         crash_if("after_claim", request.action.value, plan.steps[0].task_state.value)
@@ -302,14 +310,24 @@ class Engine:
             finalizers = [f for f in inst.metadata.finalizers if f != FINALIZER]
             await self.events.emit(body, "Deleted", f"domain and disks of {inst.metadata.uid} removed")
             await self.store.write_finalizers(body, finalizers)
+            self._count_end(task, "Succeeded")
             return
         facts = await self.ops.facts(inst)
         body = await self._cas(body, lambda s: transitions.finish(
             s, plan, succeeded, message, now(), facts.power_state, vm_state=vm_state,
             backoff_policy=self.backoff_policy), self._task_guard(task.id))
         reason = "Succeeded" if succeeded else "Failed"
+        self._count_end(task, reason)
         await self.events.emit(body, reason, f"{task.name} {task.id}: {message or reason.lower()}",
                                warning=not succeeded)
+
+    def _count_end(self, task: CurrentTask, result: str) -> None:
+        """A task begun here is timed by the monotonic clock; one recovered from another
+        process by its record (`startedAt`, whole seconds)."""
+        began = self._began.pop(task.id, None)
+        seconds = time.monotonic() - began if began is not None else (now() - task.startedAt).total_seconds()
+        self.metrics.tasks_finished.labels(task.name, result).inc()
+        self.metrics.task_seconds.labels(task.name).observe(max(0.0, seconds))
 
     async def _preempt(self, body: dict[str, Any], inst: VirtualInstance, by: str) -> None:
         """End the task on record without another hypervisor call (the one it is stuck in may
@@ -320,6 +338,7 @@ class Engine:
         body = await self._cas(body, lambda s: transitions.finish(
             s, plan, False, f"superseded by {by}", now(), s.powerState, vm_state=task.originVmState,
             backoff_policy=self.backoff_policy), guard=lambda i: i.status.currentTask == task)
+        self._count_end(task, "Failed")
         await self.events.emit(body, "Superseded", f"{task.name} {task.id} ({task.taskState.value}): "
                                                    f"superseded by {by}", warning=True)
 
@@ -335,6 +354,7 @@ class Engine:
         taken = task.model_copy(update={"owner": self.owner, "attempt": task.attempt + 1})
         body = await self._cas(body, lambda s: s.model_copy(update={"currentTask": taken}),
                                guard=lambda i: i.status.currentTask == task)
+        self.metrics.recoveries.labels(rule.kind).inc()
         await self.events.emit(body, "Recovering", f"{task.name} {task.id} found in {task.taskState.value} "
                                                    f"after an agent restart: {rule.kind} {rule.message}".strip())
         if rule.kind == "redo":

@@ -29,6 +29,7 @@ from ..virt.kvm import domain_type
 from .engine import Engine
 from .fence import Fence, Fenced
 from .libvirt_calls import LibvirtCalls
+from .metrics import AgentMetrics, statuses_in
 from .operations import LibvirtTimeouts, Operations
 from .orphans import OrphanReaper
 from .unreadable import Unreadable
@@ -51,6 +52,7 @@ class Agent:
         self.timing = LeaseTiming(args.lease_duration, args.renew_deadline, args.lease_retry_period)
         self.backoff = BackoffPolicy(args.backoff_base, args.backoff_cap)
         self.fence = Fence(self.timing)
+        self.metrics = AgentMetrics()
         self.lease_held = asyncio.Event()
         self.activation: asyncio.Task | None = None
         self.background: list[asyncio.Task] = []
@@ -75,11 +77,17 @@ class Agent:
                  self.args.image_pool)
         self.ops = Operations(hypervisor, api, self.node, self.args.soft_reboot_timeout, self.args.stop_timeout,
                               LibvirtTimeouts(self.args.libvirt_timeout, self.args.libvirt_query_timeout),
-                              LibvirtCalls(self.args.libvirt_threads))
+                              LibvirtCalls(self.args.libvirt_threads), self.metrics)
         self.engine = Engine(self.store, events, self.ops, self.node, self.identity,
-                             self.backoff)
+                             self.backoff, self.metrics)
         # one flow per namespace: a tenant's storm does not hold another tenant's request
-        self.queue = WorkQueue(self.reconcile, workers=self.args.workers, flow_of=lambda key: key[0])
+        self.queue = WorkQueue(self.reconcile, workers=self.args.workers, flow_of=lambda key: key[0],
+                               observe_wait=self.metrics.queue_wait.observe)
+        self.metrics.queue_depth.set_function(lambda: self.queue.depth)
+        self.metrics.count_instances(lambda: statuses_in(self.store.cached(), self.node))
+        if self.args.metrics_port:
+            self.metrics.serve(self.args.metrics_port, self.args.metrics_address)
+            log.info("metrics on http://%s:%d/metrics", self.args.metrics_address, self.args.metrics_port)
         self.keys_by_uid: dict[str, tuple[str, str]] = {}
         self.unswept: set[tuple[str, str]] = set()  # the tenure's sweep: keys not looked at yet
         loop = asyncio.get_running_loop()
@@ -102,8 +110,10 @@ class Agent:
                 held = await asyncio.wait_for(self.lease.try_acquire_or_renew(),
                                               timeout=self.timing.renew_deadline_s / 2)
                 lost = not held
+                self.metrics.lease_renewals.labels("lost" if lost else "renewed").inc()
             except Exception as error:  # noqa: BLE001 - apiserver down or slow: the deadline decides
                 log.warning("lease renewal failed: %s", error or type(error).__name__)
+                self.metrics.lease_renewals.labels("failed").inc()
                 held = False
             if held:
                 self.fence.renewed(started)
@@ -176,10 +186,14 @@ class Agent:
             log.info("recovery sweep done: no instance on node %s", self.node)
 
     async def sweep(self) -> list[tuple[str, str]]:
-        """Queue every instance of this node; reap orphans. Returns the keys queued."""
+        """Queue every instance of this node (in the namespaces it serves: `--namespace`, or
+        all); reap orphans. Returns the keys queued."""
         keys, uids = [], set()
+        served = set(self.args.namespace or ())
         async for body in self.store.list_all():
-            uids.add(body["metadata"]["uid"])  # unreadable ones count for the reaper: they exist
+            uids.add(body["metadata"]["uid"])  # any namespace's, unreadable ones too: they exist
+            if served and body["metadata"]["namespace"] not in served:
+                continue  # kopf watches only those namespaces: the sweep looks at no other
             inst = await self.unreadable.parse(body)  # None: reported on the object, skipped
             if inst is not None and self.engine.is_mine(inst):
                 self.remember(body)

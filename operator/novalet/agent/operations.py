@@ -12,6 +12,7 @@ after a crash the recovery table can tell a soft reboot that was issued from one
 (a reboot is never issued twice for one request; core/recovery.JOURNALED_OPS).
 """
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,6 +29,7 @@ from ..kube.access import Access, SecretError
 from ..virt.domain_xml import InstanceMetadata
 from ..virt.hypervisor import DomainFacts, Hypervisor, HypervisorError, InstanceSpec
 from .libvirt_calls import CallTimedOut, LibvirtCalls
+from .metrics import AgentMetrics
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,9 @@ def facts_of(domain: DomainFacts) -> Facts:
 class Operations:
     def __init__(self, hypervisor: Hypervisor, api: client.ApiClient, node: str, soft_reboot_timeout: float,
                  stop_timeout: float = 60.0, timeouts: LibvirtTimeouts | None = None,
-                 calls: LibvirtCalls | None = None):
+                 calls: LibvirtCalls | None = None, metrics: AgentMetrics | None = None):
         self.hv, self.node = hypervisor, node
+        self.metrics = metrics or AgentMetrics()
         self.core = client.CoreV1Api(api)
         self.soft_reboot_timeout, self.stop_timeout = soft_reboot_timeout, stop_timeout
         self.timeouts = timeouts or LibvirtTimeouts()
@@ -84,13 +87,19 @@ class Operations:
         """fn(*args, **kwargs) on the libvirt pools, within its deadline: the call deadline
         plus `wait_s` (a wait on the guest the operation does by design), or `timeout_s`."""
         budget = timeout_s if timeout_s is not None else self.timeouts.for_call(wait_s)
-        what = getattr(fn, "__name__", "a call").replace("_", " ")
+        name = getattr(fn, "__name__", "call")
+        what = name.replace("_", " ")
+        started = time.monotonic()
         try:
             return await self.calls.run(fn, *args, timeout_s=budget, what=what, waits=wait_s > 0, **kwargs)
         except CallTimedOut as error:
+            self.metrics.libvirt_errors.labels(name).inc()
             raise LibvirtTimeout(error.what, error.timeout_s) from None
         except HypervisorError as error:
+            self.metrics.libvirt_errors.labels(name).inc()
             raise OperationError(str(error)) from error
+        finally:
+            self.metrics.libvirt_seconds.labels(name).observe(time.monotonic() - started)
 
     async def _query(self, fn, *args) -> Any:
         return await self._call(fn, *args, timeout_s=self.timeouts.query_s)

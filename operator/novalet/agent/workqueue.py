@@ -66,10 +66,12 @@ class FairQueue:
 class WorkQueue:
     def __init__(self, reconcile: Callable[[Hashable], Awaitable[float | None]], workers: int = 16,
                  retry_base_s: float = 0.5, retry_cap_s: float = 60.0,
-                 flow_of: Callable[[Hashable], Hashable] = lambda key: None):
+                 flow_of: Callable[[Hashable], Hashable] = lambda key: None,
+                 observe_wait: Callable[[float], None] = lambda seconds: None):
         if workers < 1:
             raise ValueError("a work queue needs at least one worker")
         self.reconcile = reconcile
+        self.observe_wait = observe_wait  # a key's time in the queue, as each is taken
         self.workers = workers
         self.retry_base_s, self.retry_cap_s = retry_base_s, retry_cap_s
         self._queue: FairQueue = FairQueue(flow_of)
@@ -170,7 +172,7 @@ class WorkQueue:
             self._ready.clear()
             await self._ready.wait()
         key = self._queue.popleft()
-        del self._queued[key]
+        self.observe_wait(time.monotonic() - self._queued.pop(key))
         return key
 
     async def _worker(self, may_work: Callable[[], Awaitable[None]] | None) -> None:

@@ -99,6 +99,10 @@ class InstanceStore:
     def forget(self, namespace: str, name: str) -> None:
         self._latest.pop((namespace, name), None)
 
+    def cached(self) -> list[bytes]:
+        """The compact JSON of every body kept (for figures: see agent/metrics.py)."""
+        return [kept.json for kept in self._latest.values()]
+
     async def read(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The newest body seen, or a GET when there is none."""
         known = self._latest.get((namespace, name))
