@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl = sub.add_parser("controller", help="run the cluster controller: admission webhook, agent heartbeats")
     ctl.add_argument("--webhook-port", type=int, default=0, help="serve the validating webhook (0: off)")
+    ctl.add_argument("--metrics-port", type=int, default=0,
+                     help="serve Prometheus metrics on this port (0: off; docs/operations.md)")
+    ctl.add_argument("--metrics-address", default="127.0.0.1",
+                     help="address the metrics listen on (0.0.0.0 in a pod, for Prometheus to scrape)")
     ctl.add_argument("--webhook-addr", default="127.0.0.1", help="address the webhook listens on")
     ctl.add_argument("--webhook-host", default="127.0.0.1",
                      help="host name or IP the apiserver uses to reach the webhook")

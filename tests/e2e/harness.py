@@ -2,9 +2,11 @@
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client
+from prometheus_client.parser import text_string_to_metric_families
 
 from novalet import GROUP, PLURAL, VERSION
 
@@ -78,13 +81,15 @@ class Agents:
         self.started.append(agent)
         return agent
 
-    def start_controller(self, webhook_port: int = 0) -> AgentProcess:
+    def start_controller(self, webhook_port: int = 0, metrics_port: int = 0) -> AgentProcess:
         """`novalet controller`: the heartbeat watch, and the validating webhook if a port is given."""
         log = self.workdir / f"controller-{len(self.started)}.log"
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         cmd = [sys.executable, "-m", "novalet.cli", "controller", "--state-dir", str(self.workdir / "controller")]
         if webhook_port:
             cmd += ["--webhook-port", str(webhook_port)]
+        if metrics_port:
+            cmd += ["--metrics-port", str(metrics_port)]
         with log.open("ab") as out:
             process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         controller = AgentProcess("controller", log, process)
@@ -183,6 +188,24 @@ async def events_until(kube_api, namespace: str, done: Callable[[list], bool], t
         if done(events) or time.monotonic() > deadline:
             return events
         await asyncio.sleep(0.25)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """A Prometheus scrape of 127.0.0.1:port, every sample: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def sample(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def status_of(body: dict[str, Any]) -> dict[str, Any]:

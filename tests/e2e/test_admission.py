@@ -10,16 +10,10 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from novalet.controller.main import WEBHOOK_NAME
 
-from .harness import unique_node
+from .harness import free_port, sample, scrape, unique_node
 
 pytestmark = pytest.mark.stack
 FLAVOR = {"vcpus": 1, "memoryMiB": 128}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(port: int) -> bool:
@@ -29,8 +23,9 @@ def listening(port: int) -> bool:
 
 @pytest.fixture
 async def webhook(agents, kube_api, control_plane):
-    port = free_port()
-    controller = agents.start_controller(webhook_port=port)
+    port, metrics_port = free_port(), free_port()
+    controller = agents.start_controller(webhook_port=port, metrics_port=metrics_port)
+    controller.metrics_port = metrics_port
     admission = client.AdmissionregistrationV1Api(kube_api)
     for _ in range(240):  # until the configuration exists and the server answers
         try:
@@ -68,6 +63,12 @@ async def test_state_dependent_request_refused_at_admission(webhook, instances, 
     await instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "r2"})  # allowed one passes
     record = await instances.wait_done("vm", "r2", agents=agents)  # (then the spec stops it again)
     assert record["result"] == "Succeeded"
+
+    samples = await asyncio.to_thread(scrape, webhook.metrics_port)  # the controller counted both
+    assert sample(samples, "novalet_admission_reviews_total", result="denied") == 1
+    assert sample(samples, "novalet_admission_reviews_total", result="allowed") >= 2  # the create, r2
+    assert sample(samples, "novalet_heartbeat_checks_total", result="done") >= 1
+    assert sample(samples, "novalet_instances_agent_unavailable") == 0
 
 
 async def test_reused_action_id_refused(webhook, instances, agents):

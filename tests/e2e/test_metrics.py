@@ -1,34 +1,13 @@
 """The agent's Prometheus metrics, scraped like Prometheus does after a lifecycle, against
 what happened: a create, a pause, a rejected request and a delete of one diskless instance."""
 import asyncio
-import socket
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from .harness import status_of, unique_node
+from .harness import free_port, sample, scrape, status_of, unique_node
 
 pytestmark = pytest.mark.stack
 FLAVOR = {"vcpus": 1, "memoryMiB": 128}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """Every sample: (name, sorted labels) -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 async def scraped(port: int) -> dict:
@@ -44,19 +23,19 @@ async def test_metrics_count_what_the_agent_did(instances, agents):
     await instances.wait_idle("vm", "paused", agents=agents)
 
     samples = await scraped(port)
-    assert value(samples, "novalet_instances", vm_state="paused", task_state="") == 1
+    assert sample(samples, "novalet_instances", vm_state="paused", task_state="") == 1
     for action in ("Create", "Pause"):
-        assert value(samples, "novalet_tasks_started_total", action=action) == 1
-        assert value(samples, "novalet_tasks_finished_total", action=action, result="Succeeded") == 1
-        assert value(samples, "novalet_task_duration_seconds_count", action=action) == 1
-        assert value(samples, "novalet_task_duration_seconds_sum", action=action) > 0
-    assert value(samples, "novalet_libvirt_call_duration_seconds_count", call="pause") == 1
-    assert value(samples, "novalet_libvirt_call_duration_seconds_count", call="facts") >= 2
-    assert value(samples, "novalet_lease_renewals_total", result="renewed") >= 1
-    assert value(samples, "novalet_lease_renewals_total", result="failed") == 0
-    assert value(samples, "novalet_workqueue_wait_seconds_count") >= 2
+        assert sample(samples, "novalet_tasks_started_total", action=action) == 1
+        assert sample(samples, "novalet_tasks_finished_total", action=action, result="Succeeded") == 1
+        assert sample(samples, "novalet_task_duration_seconds_count", action=action) == 1
+        assert sample(samples, "novalet_task_duration_seconds_sum", action=action) > 0
+    assert sample(samples, "novalet_libvirt_call_duration_seconds_count", call="pause") == 1
+    assert sample(samples, "novalet_libvirt_call_duration_seconds_count", call="facts") >= 2
+    assert sample(samples, "novalet_lease_renewals_total", result="renewed") >= 1
+    assert sample(samples, "novalet_lease_renewals_total", result="failed") == 0
+    assert sample(samples, "novalet_workqueue_wait_seconds_count") >= 2
     assert ("novalet_workqueue_depth", ()) in samples
-    assert value(samples, "novalet_recoveries_total", rule="redo") == 0  # nothing was interrupted
+    assert sample(samples, "novalet_recoveries_total", rule="redo") == 0  # nothing was interrupted
 
     # a request the state does not allow is refused: no task, no libvirt call
     await instances.request("vm", {"name": "ConfirmResize", "id": "confirm-1"})
@@ -67,7 +46,7 @@ async def test_metrics_count_what_the_agent_did(instances, agents):
     await instances.wait_gone("vm", agents=agents)
 
     samples = await scraped(port)
-    assert value(samples, "novalet_tasks_started_total", action="ConfirmResize") == 0
-    assert value(samples, "novalet_tasks_finished_total", action="Delete", result="Succeeded") == 1
-    assert value(samples, "novalet_libvirt_call_duration_seconds_count", call="pause") == 1
+    assert sample(samples, "novalet_tasks_started_total", action="ConfirmResize") == 0
+    assert sample(samples, "novalet_tasks_finished_total", action="Delete", result="Succeeded") == 1
+    assert sample(samples, "novalet_libvirt_call_duration_seconds_count", call="pause") == 1
     assert not [key for key in samples if key[0] == "novalet_instances"]  # gone from the node

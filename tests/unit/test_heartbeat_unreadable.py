@@ -1,6 +1,7 @@
 """The controller's heartbeat check goes on past an object this version cannot read (a newer
 agent's status value): the other instances of a dead agent's node are still marked."""
 from novalet.controller.heartbeat import HeartbeatWatch
+from novalet.controller.metrics import ControllerMetrics
 
 FLAVOR = {"vcpus": 1, "memoryMiB": 128}
 
@@ -26,6 +27,7 @@ class Store:
 async def test_an_unreadable_object_does_not_stop_the_heartbeat_check():
     watch = HeartbeatWatch.__new__(HeartbeatWatch)
     watch.store = Store([body("newer", "shelved"), body("ok", "active")])
+    watch.metrics = ControllerMetrics()
 
     async def leases():
         return {}  # the node's agent never renewed: every instance of it is marked
@@ -34,4 +36,5 @@ async def test_an_unreadable_object_does_not_stop_the_heartbeat_check():
     assert await watch.check_once() == 1
     [(name, status)] = watch.store.written
     assert name == "ok" and status.conditions[-1].type == "HostAgentReady"
+    assert watch.metrics.registry.get_sample_value("novalet_instances_agent_unavailable") == 1  # the readable one
     assert status.conditions[-1].status == "False"

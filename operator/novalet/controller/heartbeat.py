@@ -15,6 +15,7 @@ from ..core import conditions
 from ..core.desire import imperative_action, seen_ids
 from ..kube.instances import Conflict, InstanceStore, parse
 from ..kube.lease import LeaseView, view
+from .metrics import ControllerMetrics
 
 log = logging.getLogger(__name__)
 NODE_LABEL = "novalet.io/node"
@@ -51,7 +52,9 @@ def with_condition(status: VirtualInstanceStatus, condition: Condition) -> Virtu
 
 
 class HeartbeatWatch:
-    def __init__(self, api: client.ApiClient, lease_namespace: str, interval_s: float = 5.0):
+    def __init__(self, api: client.ApiClient, lease_namespace: str, interval_s: float = 5.0,
+                 metrics: ControllerMetrics | None = None):
+        self.metrics = metrics or ControllerMetrics()
         self.coordination = client.CoordinationV1Api(api)
         self.store = InstanceStore(api)
         self.lease_namespace, self.interval_s = lease_namespace, interval_s
@@ -63,7 +66,7 @@ class HeartbeatWatch:
     async def check_once(self) -> int:
         now = datetime.now(UTC)
         leases = await self.leases()
-        marked = 0
+        marked = unavailable = 0
         async for body in self.store.list_all():
             try:
                 inst = parse(body)
@@ -72,20 +75,25 @@ class HeartbeatWatch:
                 log.debug("%s/%s: cannot read, skipped: %s", meta.get("namespace"), meta.get("name"), error)
                 continue
             condition = agent_condition(inst, leases, now)
+            unavailable += condition is not None
             status = condition and with_condition(inst.status, condition)
             if status is None:
                 continue
             try:
                 await self.store.write_status(body, status)
                 marked += 1
+                self.metrics.marked.inc()
             except Conflict:
                 pass  # someone wrote first (maybe the agent, back): next round looks again
+        self.metrics.agent_unavailable.set(unavailable)
         return marked
 
     async def run(self) -> None:
         while True:
             try:
                 await self.check_once()
+                self.metrics.heartbeat_checks.labels("done").inc()
             except Exception:
                 log.exception("heartbeat check failed")
+                self.metrics.heartbeat_checks.labels("failed").inc()
             await asyncio.sleep(self.interval_s)

@@ -16,6 +16,7 @@ from ..core.admission import review
 from ..kube.client import RetryForever, api_client, register_login
 from ..tls import self_signed
 from .heartbeat import HeartbeatWatch
+from .metrics import ControllerMetrics
 
 log = logging.getLogger("novalet.controller")
 WEBHOOK_NAME = "validate.virtualinstances.novalet.io"
@@ -72,6 +73,7 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     register_login(registry)
     background: list[asyncio.Task] = []
+    metrics = ControllerMetrics()
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -89,7 +91,10 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
                 url = f"https://{host}:{args.webhook_port}/{HANDLER_ID}"
                 await ensure_webhook_configuration(api, client_config(
                     url, args.webhook_service, args.webhook_port, Path(cert).read_bytes()))
-        watch = HeartbeatWatch(api, args.lease_namespace)
+        if args.metrics_port:
+            metrics.serve(args.metrics_port, args.metrics_address)
+            log.info("metrics on http://%s:%d/metrics", args.metrics_address, args.metrics_port)
+        watch = HeartbeatWatch(api, args.lease_namespace, metrics=metrics)
         background.append(asyncio.get_running_loop().create_task(watch.run()))
 
     @kopf.on.cleanup(registry=registry)
@@ -108,6 +113,7 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
 
     def validate(body: kopf.Body, old: Any, **_: Any) -> None:
         why = review(_parse(body), _parse(old))
+        metrics.admission_reviews.labels("denied" if why else "allowed").inc()
         if why:
             raise kopf.AdmissionError(why, code=422)
 
