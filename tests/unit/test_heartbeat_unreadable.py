@@ -35,6 +35,7 @@ async def test_an_unreadable_object_does_not_stop_the_heartbeat_check():
     watch.leases = leases
     assert await watch.check_once() == 1
     [(name, status)] = watch.store.written
-    assert name == "ok" and status.conditions[-1].type == "HostAgentReady"
+    conditions = {c.type: c for c in status.conditions}
+    assert name == "ok" and conditions["HostAgentReady"].status == "False"
+    assert (conditions["Ready"].status, conditions["Ready"].reason) == ("False", "HostAgentUnavailable")
     assert watch.metrics.registry.get_sample_value("novalet_instances_agent_unavailable") == 1  # the readable one
-    assert status.conditions[-1].status == "False"

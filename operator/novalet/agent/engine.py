@@ -17,7 +17,7 @@ from typing import Any
 from .. import FINALIZER
 from ..api.models import CurrentTask, InstanceLock, VirtualInstance, VirtualInstanceStatus
 from ..api.policies import REQUESTED_BY
-from ..core import authorization, backoff, conditions, policy, recovery, transitions, waits
+from ..core import authorization, backoff, conditions, policy, presentation, recovery, transitions, waits
 from ..core.backoff import BackoffPolicy
 from ..core.desire import Request, preempts_running_task, supersedes_running_task
 from ..core.next_step import Kind, is_mine, next_step
@@ -164,8 +164,7 @@ class Engine:
         while True:
             try:
                 current = parse(body)
-                status = _with_agent_ready(mutate(current.status), self.node).model_copy(
-                    update={"observedGeneration": current.metadata.generation})  # the spec it acted on
+                status = self._as_written(mutate(current.status), current)
                 return await self.store.write_status(body, status)
             except Conflict:
                 self.metrics.conflicts.inc()
@@ -176,6 +175,13 @@ class Engine:
                     raise Gone()
                 if not guard(parse(body)):
                     raise LostTask()
+
+    def _as_written(self, status: VirtualInstanceStatus, inst: VirtualInstance) -> VirtualInstanceStatus:
+        """What a write of `status` records: this agent alive, the conditions judged against the
+        spec it acted on (Ready only when that spec is met), and that spec's generation."""
+        generation = inst.metadata.generation
+        return presentation.with_presentation(_with_agent_ready(status, self.node), now(), inst.spec, generation
+                                              ).model_copy(update={"observedGeneration": generation})
 
     def _task_guard(self, task_id: str) -> Callable[[VirtualInstance], bool]:
         def guard(inst: VirtualInstance) -> bool:
@@ -394,9 +400,7 @@ class Engine:
         def synced(status: VirtualInstanceStatus) -> VirtualInstanceStatus:
             return transitions.observe_power(status, facts.power_state, facts.exists, now())
 
-        expected = _with_agent_ready(synced(inst.status), self.node).model_copy(
-            update={"observedGeneration": inst.metadata.generation})
-        if _same(expected, inst.status):
+        if _same(self._as_written(synced(inst.status), inst), inst.status):
             return False
         await self._cas(body, synced, guard=None)
         return True

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from ..api.models import Condition, VirtualInstance, VirtualInstanceStatus
 from ..core import conditions
 from ..core.desire import imperative_action, seen_ids
+from ..core.presentation import with_presentation
 from ..kube.instances import Conflict, InstanceStore, parse
 from ..kube.lease import LeaseView, view
 from .metrics import ControllerMetrics
@@ -43,12 +44,15 @@ def agent_condition(inst: VirtualInstance, leases: dict[str, LeaseView], now: da
                      lastTransitionTime=now.replace(microsecond=0))
 
 
-def with_condition(status: VirtualInstanceStatus, condition: Condition) -> VirtualInstanceStatus | None:
-    """The status with the condition set, or None when it already says the same."""
+def with_condition(inst: VirtualInstance, condition: Condition) -> VirtualInstanceStatus | None:
+    """The status with the condition set (and Ready judged again: False while the agent is
+    away), or None when it already says the same."""
+    status = inst.status
     if conditions.same(conditions.find(status, condition.type), condition):
         return None
-    return conditions.set_condition(status, condition.type, condition.status, condition.reason,
-                                    condition.message, condition.lastTransitionTime)
+    status = conditions.set_condition(status, condition.type, condition.status, condition.reason,
+                                      condition.message, condition.lastTransitionTime)
+    return with_presentation(status, condition.lastTransitionTime, inst.spec, inst.metadata.generation)
 
 
 class HeartbeatWatch:
@@ -76,7 +80,7 @@ class HeartbeatWatch:
                 continue
             condition = agent_condition(inst, leases, now)
             unavailable += condition is not None
-            status = condition and with_condition(inst.status, condition)
+            status = condition and with_condition(inst, condition)
             if status is None:
                 continue
             try:
