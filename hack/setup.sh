@@ -20,6 +20,7 @@ packages=(
   busybox-static cpio                                                   # the tiny test guest
   libvirt-dev pkg-config gcc python3-dev python3-venv                   # building libvirt-python
   util-linux mount passwd ca-certificates curl git                      # unshare/mount, useradd, downloads
+  lua5.1                                                                # runs the chart's Argo CD health check in tests
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -208,5 +208,30 @@ def sample(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+ARGOCD_HEALTH = Path(__file__).resolve().parents[2] / "charts" / "novalet" / "files" / "argocd-health.lua"
+
+
+def lua(value: Any) -> str:
+    """A JSON value as a Lua 5.1 literal (Argo CD hands the object to its health script as a table)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"[{lua(k)}] = {lua(v)}" for k, v in value.items() if v is not None) + "}"
+    if isinstance(value, list):
+        return "{" + ", ".join(lua(v) for v in value) + "}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else
+                         "".join(f"\\{b:03d}" for b in c.encode()) for c in str(value)) + '"'
+
+
+def argocd_health(body: dict[str, Any]) -> tuple[str, str]:
+    """The chart's Argo CD health check run by a Lua 5.1 interpreter on `body`: (status, message)."""
+    script = f"obj = {lua(body)}\nlocal hs = dofile({lua(str(ARGOCD_HEALTH))})\nio.write(hs.status, '\\n', hs.message or '')"
+    done = subprocess.run(["lua5.1", "-"], input=script, capture_output=True, text=True, timeout=30, check=True)
+    status, _, message = done.stdout.partition("\n")
+    return status, message
+
+
 def status_of(body: dict[str, Any]) -> dict[str, Any]:
     return body.get("status") or {}
