@@ -32,7 +32,9 @@ from .operations import OperationError, Operations
 
 log = logging.getLogger(__name__)
 A = Action
-OFF = frozenset({PowerState.SHUTOFF, PowerState.SHUTDOWN, PowerState.CRASHED})
+# A guest has answered an ACPI stop once its QEMU process is gone: `shutdown` (being shut down)
+# is not off yet, and a stop that ended there would record a power state about to change.
+POWERED_OFF = frozenset({PowerState.SHUTOFF, PowerState.CRASHED})
 
 
 class LostTask(Exception):
@@ -271,7 +273,7 @@ class Engine:
             answered = self.ops.rebooted_since(inst, wait.baseline)
         else:
             facts = await self.ops.facts(inst)
-            answered = not facts.exists or facts.power_state in OFF
+            answered = not facts.exists or facts.power_state in POWERED_OFF
         outcome = waits.look_again(answered, wait.deadline, datetime.now(UTC))
         if isinstance(outcome, float):
             return outcome
