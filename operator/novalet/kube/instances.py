@@ -8,8 +8,8 @@ The store also keeps the newest body it has seen of each instance (from the watc
 writes' answers, from reads), so a reconcile starts without a GET. A stale body costs nothing
 but a 409: every decision is written with compare-and-swap before anything is done, and a
 conflict drops the cached body, so the next look reads afresh. Bodies are kept as compact JSON
-(a running instance's: 1.5 KB, against 8 KB as a parsed dict; a thousand per node) and each
-read returns a fresh dict: no caller can change what another one reads.
+(a fraction of the memory of the parsed dict; a thousand per node) and each read returns a
+fresh dict: no caller can change what another one reads.
 """
 import json
 from collections.abc import AsyncIterator

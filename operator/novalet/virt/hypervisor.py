@@ -901,10 +901,6 @@ class Hypervisor:
     def _snapshot_pause_mark(self, uid: str) -> Path:
         return self.images.instance_dir(uid) / "snapshot-paused"
 
-    def cleanup_partial_snapshot(self, name: str | None = None) -> list[Path]:
-        """Remove what an interrupted snapshot left in the pool."""
-        return self.images.cleanup_partial_snapshots(name)
-
     def abort_snapshot(self, uid: str, name: str | None = None) -> list[Path]:
         """Recovery of an interrupted snapshot (taskState image_*): remove the partial files and, if
         the snapshot had paused the guest for the copy, unpause it. Idempotent. Returns what was removed.
