@@ -35,6 +35,15 @@ class Recorder:
             self.running.discard(key)
 
 
+async def run_briefly(queue: WorkQueue, *keys, seconds: float = 0.1) -> None:
+    """Start the workers, queue `keys`, let them work for `seconds`, stop."""
+    queue.start()
+    for key in keys:
+        queue.add(key)
+    await asyncio.sleep(seconds)
+    await queue.stop()
+
+
 async def settle(queue: WorkQueue, rounds: int = 50):
     for _ in range(rounds):
         await asyncio.sleep(0)
@@ -91,11 +100,7 @@ async def test_add_after_keeps_the_earliest_wakeup_and_add_makes_it_moot():
 async def test_a_reconcile_asks_to_be_looked_at_again():
     rec = Recorder()
     rec.results["a"] = [0.02, None]
-    queue = WorkQueue(rec, workers=1)
-    queue.start()
-    queue.add("a")
-    await asyncio.sleep(0.1)
-    await queue.stop()
+    await run_briefly(WorkQueue(rec, workers=1), "a")
     assert rec.calls == ["a", "a"]
 
 
@@ -104,11 +109,7 @@ async def test_failures_back_off_exponentially_and_a_success_resets_them():
     assert [queue.retry_delay(n) for n in range(1, 6)] == [0.5, 1, 2, 4, 4]
     rec = Recorder()
     rec.results["a"] = [RuntimeError("boom"), None]
-    queue = WorkQueue(rec, workers=1, retry_base_s=0.02)
-    queue.start()
-    queue.add("a")
-    await asyncio.sleep(0.1)
-    await queue.stop()
+    await run_briefly(WorkQueue(rec, workers=1, retry_base_s=0.02), "a")
     assert rec.calls == ["a", "a"]
 
 
