@@ -2,22 +2,39 @@
 import itertools
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import kopf
 from kubernetes_asyncio import client, config
 
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
-async def api_client() -> client.ApiClient:
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+async def api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
+    """kubectl's rules: --kubeconfig, else $KUBECONFIG, else the in-cluster account, else
+    ~/.kube/config; --context picks a context other than the current one."""
+    kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig and not context:
         config.load_incluster_config()
         return _without_env_lookups(client.ApiClient())
     configuration = client.Configuration()
-    await config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
-                                  client_configuration=configuration)
+    await config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
     return _without_env_lookups(client.ApiClient(configuration))
+
+
+def default_namespace(kubeconfig: str | None = None, context: str | None = None) -> str:
+    """The namespace kubectl would use: the context's, the pod's own in a cluster, else default."""
+    kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig and not context:
+        try:
+            return Path(SERVICE_ACCOUNT_NAMESPACE).read_text().strip() or "default"
+        except OSError:
+            return "default"
+    contexts, current = config.list_kube_config_contexts(kubeconfig)
+    chosen = next((c for c in contexts if c["name"] == context), None) if context else current
+    return ((chosen or {}).get("context") or {}).get("namespace") or "default"
 
 
 def _without_env_lookups(api: client.ApiClient) -> client.ApiClient:
