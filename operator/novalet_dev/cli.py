@@ -106,8 +106,9 @@ def _env(args: argparse.Namespace) -> int:
         return 1
     print(f"export KUBECONFIG={shlex.quote(str(cp.kubeconfig))}")
     print(f"export LIBVIRT_DEFAULT_URI={shlex.quote(lv.uri)}")
-    if cp.known_bin_dir:
-        print(f"export PATH={shlex.quote(str(cp.known_bin_dir))}:\"$PATH\"")
+    # kubectl, helm, and this environment's scripts: `kubectl novalet` is kubectl-novalet found there
+    dirs = [str(d) for d in (cp.known_bin_dir, Path(sys.executable).parent) if d]
+    print(f"export PATH={shlex.quote(os.pathsep.join(dirs))}:\"$PATH\"")
     if not (cp.is_running() and lv.is_running()):
         _err("warning: the stack is not (fully) running: run `novalet dev up`")
     return 0

@@ -85,10 +85,15 @@ async def test_one_shot_actions_get_fresh_ids_and_land_in_history_with_the_reque
     body = await instances.wait("vm", lambda b: status_of(b).get("lock") is not None, what="the lock")
     assert status_of(body)["lock"]["reason"] == "audit"
     ok(await novalet(control_plane, "unlock", "vm", "-n", ns))
+    ok(await novalet(control_plane, "rescue", "vm", "-n", ns))
+    assert status_of(await instances.get("vm"))["vmState"] == "rescued"
+    ok(await novalet(control_plane, "unrescue", "vm", "-n", ns))
+    reset = json.loads(ok(await novalet(control_plane, "reset-state", "vm", "--state", "active", "-n", ns,
+                                        "-o", "json")).stdout)  # the admin kubeconfig may: RBAC on /admin
 
     history = json.loads(ok(await novalet(control_plane, "history", "vm", "-n", ns, "-o", "json")).stdout)
     ours = {r["id"]: r for r in history}
-    for action_id in (first["actionId"], second["actionId"], requested["actionId"]):
+    for action_id in (first["actionId"], second["actionId"], requested["actionId"], reset["actionId"]):
         assert ours[action_id]["result"] == "Succeeded"
         assert ours[action_id]["requestedBy"]  # stamped by the apiserver's admission policy
     table = ok(await novalet(control_plane, "history", "vm", "-n", ns)).stdout
@@ -107,6 +112,9 @@ async def test_a_resize_waits_for_a_person_and_refusals_exit_non_zero(instances,
     waited = await novalet(control_plane, "wait", "vm", "-n", ns)  # Ready=False until a person decides
     assert waited.returncode == 1 and "ResizeNotConfirmed" in waited.stderr
     ok(await novalet(control_plane, "confirm-resize", "vm", "-n", ns))
+    assert status_of(await instances.get("vm"))["flavor"] == {"vcpus": 2, "memoryMiB": 192}
+    ok(await novalet(control_plane, "resize", "vm", "--vcpus", "3", "-n", ns))
+    ok(await novalet(control_plane, "revert-resize", "vm", "-n", ns))
     assert status_of(await instances.get("vm"))["flavor"] == {"vcpus": 2, "memoryMiB": 192}
 
     ok(await novalet(control_plane, "suspend", "vm", "-n", ns))
