@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -22,10 +23,14 @@ import yaml
 from cryptography import x509
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
 
+from novalet.agent.metrics import AgentMetrics
 from novalet.api.policies import REQUESTS_POLICY, policy_manifests
 from novalet.cli import GENERATED
 from novalet.controller.main import webhook_configuration
+from novalet.controller.metrics import ControllerMetrics
 
 pytestmark = pytest.mark.stack
 
@@ -257,6 +262,224 @@ def test_helm_template_webhook_configuration_and_policies(helm):
     assert not [d for d in docs if d["kind"] in POLICY_KINDS]
     (hook,) = _one(docs, "ValidatingWebhookConfiguration")["webhooks"]
     assert hook["failurePolicy"] == "Ignore" and hook["namespaceSelector"] == {"matchLabels": {"team": "a"}}
+
+
+# --- Prometheus Operator objects and the Grafana dashboard -------------------------------
+
+MONITORS = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "agent.metricsPort=9100",
+            "--set", "controller.metricsPort=9101", "--set", "metrics.serviceMonitor.labels.release=prom"]
+NO_MONITORS = "metrics.serviceMonitor.enabled is true but nothing serves metrics"
+DASHBOARD = CHART / "files" / "grafana-dashboard.json"
+DASHBOARD_DS = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def _selects(selector: dict, labels: dict | None) -> bool:
+    """Does a LabelSelector (matchLabels only: the chart writes no matchExpressions) select these labels?"""
+    assert set(selector) == {"matchLabels"} and selector["matchLabels"], selector
+    return selector["matchLabels"].items() <= (labels or {}).items()
+
+
+def _container_ports(template: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+
+
+def _monitoring(docs: list[dict]) -> list[str]:
+    return sorted(f'{d["kind"]}/{d["metadata"]["name"]}' for d in docs
+                  if d["kind"] in ("ServiceMonitor", "PodMonitor") or d["metadata"]["name"].endswith("-metrics"))
+
+
+def test_helm_template_monitors_select_what_serves_metrics(helm):
+    docs = _docs(helm("template", "rel", str(CHART), "-n", "nv", *MONITORS).stdout)
+    pods = {"agent": _one(docs, "DaemonSet")["spec"]["template"],
+            "controller": _one(docs, "Deployment")["spec"]["template"]}
+
+    # the agents: a PodMonitor (each agent is its own target, on its pod's IP: no hostNetwork)
+    pm = _one(docs, "PodMonitor", "-agent")
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pm["metadata"]["namespace"] == "nv" and pm["spec"]["namespaceSelector"] == {"matchNames": ["nv"]}
+    assert pm["metadata"]["labels"]["release"] == "prom"  # what a Prometheus' podMonitorSelector asks for
+    assert pm["metadata"]["labels"]["app.kubernetes.io/instance"] == "rel"
+    assert [c for c, t in pods.items() if _selects(pm["spec"]["selector"], t["metadata"]["labels"])] == ["agent"]
+    assert not pods["agent"]["spec"].get("hostNetwork")
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and _container_ports(pods["agent"])["metrics"] == 9100
+    assert "--metrics-port=9100" in pods["agent"]["spec"]["containers"][0]["args"]
+    assert endpoint["path"] == "/metrics" and endpoint["interval"] == "30s"
+    assert {"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node",
+            "action": "replace"} in endpoint["relabelings"]  # the dashboard's `node` variable
+
+    # the controller: a ServiceMonitor through a Service of its own, never the webhook's
+    sm = _one(docs, "ServiceMonitor", "-controller")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["namespace"] == "nv" and sm["spec"]["namespaceSelector"] == {"matchNames": ["nv"]}
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    services = [d for d in docs if d["kind"] == "Service"]
+    assert len(services) == 2  # the webhook's and the metrics'
+    selected = [s for s in services if s["metadata"]["namespace"] in sm["spec"]["namespaceSelector"]["matchNames"]
+                and _selects(sm["spec"]["selector"], s["metadata"]["labels"])]
+    assert [s["metadata"]["name"] for s in selected] == ["rel-novalet-controller-metrics"]
+    svc = selected[0]
+    assert [c for c, t in pods.items()
+            if svc["spec"]["selector"].items() <= t["metadata"]["labels"].items()] == ["controller"]
+    (endpoint,) = sm["spec"]["endpoints"]
+    svc_ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert endpoint["port"] == "metrics" and svc_ports["metrics"]["port"] == 9101
+    assert _container_ports(pods["controller"])[svc_ports["metrics"]["targetPort"]] == 9101
+    assert "--metrics-port=9101" in pods["controller"]["spec"]["containers"][0]["args"]
+    assert endpoint["path"] == "/metrics" and endpoint["interval"] == "30s"
+
+    helm("lint", "--strict", str(CHART), *MONITORS, "--set", "metrics.serviceMonitor.scrapeTimeout=10s",
+         "--set", "metrics.grafanaDashboard.enabled=true")
+
+    # each only where its component serves metrics
+    def render(*values: str) -> list[str]:
+        return _monitoring(_docs(helm("template", "rel", str(CHART), "-n", "nv",
+                                      "--set", "metrics.serviceMonitor.enabled=true", *values).stdout))
+
+    assert render("--set", "agent.metricsPort=9100") == ["PodMonitor/rel-novalet-agent"]
+    assert render("--set", "controller.metricsPort=9101") == [
+        "Service/rel-novalet-controller-metrics", "ServiceMonitor/rel-novalet-controller"]
+    assert render("--set", "agent.metricsPort=9100", "--set", "controller.metricsPort=9101",
+                  "--set", "agent.enabled=false") == [
+        "Service/rel-novalet-controller-metrics", "ServiceMonitor/rel-novalet-controller"]
+    # off by default, metrics ports or not
+    docs = _docs(helm("template", "rel", str(CHART), "-n", "nv", "--set", "agent.metricsPort=9100",
+                      "--set", "controller.metricsPort=9101").stdout)
+    assert _monitoring(docs) == [] and not [d for d in docs if d["kind"] == "ConfigMap"]
+
+
+@pytest.mark.parametrize("values", [
+    [],
+    ["--set", "agent.metricsPort=0", "--set", "controller.metricsPort=0"],
+    ["--set", "agent.metricsPort=9100", "--set", "agent.enabled=false"],  # its metrics, but no agent
+], ids=["defaults", "both-0", "disabled-agent"])
+def test_helm_template_monitors_without_metrics_ports_fail(helm, values):
+    r = helm("template", "rel", str(CHART), "--set", "metrics.serviceMonitor.enabled=true", *values, check=False)
+    assert r.returncode != 0 and NO_MONITORS in r.stderr, r.stderr + r.stdout
+
+
+def test_helm_template_grafana_dashboard_configmap(helm):
+    docs = _docs(helm("template", "rel", str(CHART), "-n", "nv", "--set", "metrics.grafanaDashboard.enabled=true",
+                      "--set", "metrics.grafanaDashboard.annotations.grafana_folder=novalet").stdout)
+    cm = _one(docs, "ConfigMap", "-grafana-dashboard")
+    assert cm["metadata"]["namespace"] == "nv"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"  # what Grafana's sidecar looks for
+    assert cm["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "novalet"}
+    assert list(cm["data"]) == ["novalet.json"]
+    assert json.loads(cm["data"]["novalet.json"]) == json.loads(DASHBOARD.read_text())
+    assert _monitoring(docs) == []  # independent of the monitors
+    docs = _docs(helm("template", "rel", str(CHART), "-n", "nv", "--set", "metrics.grafanaDashboard.enabled=true",
+                      "--set", "metrics.grafanaDashboard.namespace=monitoring").stdout)
+    assert _one(docs, "ConfigMap", "-grafana-dashboard")["metadata"]["namespace"] == "monitoring"
+
+
+def _exported_series() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """What the agent and the controller export: {sample name: its label names} (with the
+    _total, _bucket, _count, _sum suffixes) and {family name: its sample names}."""
+    agent_registry, controller_registry = CollectorRegistry(), CollectorRegistry()
+    agent, controller = AgentMetrics(agent_registry), ControllerMetrics(controller_registry)
+    agent.count_instances(lambda: [{"vmState": "active", "taskState": "spawning"}])
+    for metric in [*vars(agent).values(), *vars(controller).values()]:
+        if isinstance(metric, MetricWrapperBase) and metric._labelnames:
+            metric.labels(*["x"] * len(metric._labelnames))  # a child: a labelled family has no sample without
+    series: dict[str, set[str]] = {}
+    families: dict[str, set[str]] = {}
+    for registry in (agent_registry, controller_registry):
+        for family in registry.collect():
+            assert family.samples, family.name
+            for sample in family.samples:
+                series.setdefault(sample.name, set()).update(sample.labels)
+                families.setdefault(family.name, set()).add(sample.name)
+    return series, families
+
+
+# Labels a scrape adds: the PodMonitor's `node`, Prometheus' own target labels.
+TARGET_LABELS = {"node", "instance", "job", "namespace", "pod", "container", "service", "endpoint"}
+PROMQL_FUNCTIONS = {"sum", "avg", "min", "max", "count", "topk", "rate", "irate", "increase", "delta",
+                    "histogram_quantile", "vector", "clamp_min", "clamp_max", "abs", "time"}
+PROMQL_WORDS = {"and", "or", "unless", "bool", "offset"}
+PROMQL_TOKENS = re.compile(r'(?P<string>"(?:[^"\\]|\\.)*")|(?P<range>\[[^\]]*\])'
+                           r'|\b(?:by|without|on|ignoring|group_left|group_right)\s*\((?P<grouping>[^)]*)\)'
+                           r'|(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<call>\s*\(|\s+(?=(?:by|without)\s*\())?'
+                           r'(?:\s*\{(?P<matchers>[^}]*)\})?'
+                           r'|(?P<brace>\{)')
+MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*"(?:[^"\\]|\\.)*"')
+
+
+def _promql(expr: str) -> tuple[dict[str, set[str]], set[str]]:
+    """A series selector's metric name -> the label names its matchers use; and the labels of
+    its by/without/on clauses. Enough of PromQL for the dashboard's expressions, and it refuses
+    what it does not know (a function not listed, a selector without a metric name)."""
+    selectors: dict[str, set[str]] = {}
+    grouping: set[str] = set()
+    for token in PROMQL_TOKENS.finditer(expr):
+        assert not token["brace"], f"a selector without a metric name in {expr!r}"
+        if token["grouping"] is not None:
+            grouping |= {label.strip() for label in token["grouping"].split(",") if label.strip()}
+        elif token["name"] and token["call"]:
+            assert token["name"] in PROMQL_FUNCTIONS, f"unknown function {token['name']} in {expr!r}"
+        elif token["name"] and token["name"] not in PROMQL_WORDS:
+            matchers = token["matchers"] or ""
+            labels = set(MATCHER.findall(matchers))
+            assert len(labels) == len([m for m in matchers.split(",") if m.strip()]), matchers
+            selectors.setdefault(token["name"], set()).update(labels)
+    return selectors, grouping
+
+
+def test_dashboard_queries_only_what_the_code_exports():
+    """Every series the dashboard's PromQL reads is one AgentMetrics or ControllerMetrics
+    registers (suffix included), every label it filters or groups by is one the series has
+    (or the scrape adds), and every metric the code exports has a panel."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    series, families = _exported_series()
+    used: set[str] = set()
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs
+    for expr in exprs:
+        selectors, grouping = _promql(expr)
+        assert selectors, expr
+        for name, labels in selectors.items():
+            assert name in series, f"{name} (in {expr!r}) is not exported; exported: {sorted(series)}"
+            assert labels <= series[name] | TARGET_LABELS, f"{name} has no label {labels - series[name] - TARGET_LABELS}: {expr!r}"
+        known = set().union(*(series[name] for name in selectors)) | TARGET_LABELS
+        assert grouping <= known, f"grouping by {grouping - known}, which {sorted(selectors)} lack: {expr!r}"
+        used |= set(selectors)
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            _, grouping = _promql(target["expr"])
+            legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+            assert legend <= grouping, f"legend {legend - grouping} not in the result's labels: {target['expr']!r}"
+    # the `node` variable reads a label the PodMonitor adds, from an exported series
+    (node,) = [v for v in dashboard["templating"]["list"] if v["name"] == "node"]
+    metric, label = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", node["query"]["query"]).groups()
+    assert metric in series and label == "node" and node["datasource"] == DASHBOARD_DS
+    assert node["includeAll"] and node["allValue"] == ".*"  # All also matches series without a node label
+    missing = sorted(family for family, names in families.items() if not names & used)
+    assert not missing, f"exported but on no panel: {missing}"
+
+
+def test_dashboard_panels_have_a_datasource_and_targets():
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert 36 <= dashboard["schemaVersion"] <= 41 and dashboard["uid"] == "novalet"
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert "__inputs" not in dashboard  # the sidecar loads it as is: no import-time inputs to fill
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert panels and all(not p.get("targets") and not p.get("panels") for p in dashboard["panels"]
+                          if p["type"] == "row")  # rows only lay out, none is collapsed around hidden panels
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in panels:
+        where = f"panel {panel['id']} {panel.get('title')!r}"
+        assert panel.get("datasource") == DASHBOARD_DS, where
+        assert panel["targets"], where
+        for target in panel["targets"]:
+            assert target.get("expr", "").strip() and target.get("refId"), where
+            assert target.get("datasource", DASHBOARD_DS) == DASHBOARD_DS, where
+        assert panel["title"] and panel["type"] in ("timeseries", "stat"), where
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, where
 
 
 # --- installed on the real apiserver -------------------------------------------------------
