@@ -5,6 +5,7 @@
 #   - a check that Go >= 1.26 is there (for hack/build-controlplane.sh)
 #   - .venv with `pip install -e '.[dev]'` (again only when pyproject.toml changed)
 #   - the control-plane binaries (hack/build-controlplane.sh; cached outside the repo)
+#   - the kstatus checker the tests run (hack/build-kstatus.sh; cached outside the repo)
 # Run as root, or as a user with sudo (used for apt-get and useradd).
 # Quiet and fast (about a second) when everything is already in place.
 set -euo pipefail
@@ -71,3 +72,11 @@ if ! bin=$("$here/build-controlplane.sh"); then
   exit 1
 fi
 [ -x "$bin/kube-apiserver" ] || { say "no kube-apiserver in $bin"; exit 1; }
+
+# --- kstatus checker (tests/e2e/test_conditions.py) -------------------------------------------
+# prints the binary's path; builds (about a minute) only when not cached
+if ! kstatus=$("$here/build-kstatus.sh"); then
+  say "hack/build-kstatus.sh failed"
+  exit 1
+fi
+[ -x "$kstatus" ] || { say "no kstatus checker at $kstatus"; exit 1; }

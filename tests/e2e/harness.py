@@ -1,5 +1,7 @@
 """Drives novalet the way a user does: patch spec, read status; runs agents as OS processes."""
 import asyncio
+import functools
+import json
 import os
 import signal
 import socket
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kubernetes_asyncio import client
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -231,6 +234,30 @@ def argocd_health(body: dict[str, Any]) -> tuple[str, str]:
     done = subprocess.run(["lua5.1", "-"], input=script, capture_output=True, text=True, timeout=30, check=True)
     status, _, message = done.stdout.partition("\n")
     return status, message
+
+
+BUILD_KSTATUS = Path(__file__).resolve().parents[2] / "hack" / "build-kstatus.sh"
+
+
+@functools.cache
+def kstatus_binary() -> str:
+    """hack/build-kstatus.sh's binary (built on first use when not cached); a failed build fails
+    the test, here and under CI=true alike: nothing skips."""
+    done = subprocess.run(["bash", str(BUILD_KSTATUS)], capture_output=True, text=True, timeout=600, check=False)
+    path = done.stdout.strip()
+    if done.returncode != 0 or not path or not os.access(path, os.X_OK):
+        pytest.fail(f"no kstatus checker: hack/build-kstatus.sh failed ({done.returncode}): {done.stderr[-2000:]}\n"
+                    "fix: run `hack/setup.sh` (it needs Go >= 1.26 and the Go module proxy)", pytrace=False)
+    return path
+
+
+def kstatus(body: dict[str, Any]) -> tuple[str, str]:
+    """kstatus's verdict (sigs.k8s.io/cli-utils `status.Compute`, as Flux, kpt and Config Sync
+    run it) on `body`: (status, message), status one of InProgress, Current, Failed, Terminating."""
+    done = subprocess.run([kstatus_binary()], input=json.dumps(body), capture_output=True, text=True, timeout=30,
+                          check=True)
+    verdict = json.loads(done.stdout)
+    return verdict["status"], verdict["message"]
 
 
 def status_of(body: dict[str, Any]) -> dict[str, Any]:
