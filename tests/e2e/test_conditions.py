@@ -78,13 +78,14 @@ async def test_kubectl_wait_ready_follows_a_resize_and_its_confirmation(instance
                                     what="the resize in flight", agents=agents)
         assert status_of(body)["observedGeneration"] == generation
         reconciling = next(c for c in status_of(body)["conditions"] if c["type"] == "Reconciling")
-        assert reconciling["status"] == "True" and kstatus(body) == ("InProgress", reconciling["message"])
+        assert reconciling["status"] == "True" and reconciling["message"].startswith("Resize in resize_")
+        assert kstatus(body) == ("InProgress", reconciling["message"])
     finally:
         await wake_when_frozen(agent.process.pid)
     body = await instances.wait_idle("vm", "resized", agents=agents)
     assert (ready(body)["status"], ready(body)["reason"]) == ("False", "ResizeNotConfirmed")
     assert argocd_health(body)[0] == "Suspended"  # waits for a person: confirm or revert
-    # kstatus has no word for "waits for a person": Ready=False without Stalled is InProgress
+    # a resize awaiting its confirmation is not a failure (Argo CD: Suspended): kstatus waits on it
     assert kstatus(body) == ("InProgress", ready(body)["message"])
     assert not await kubectl_wait_ready(control_plane, instances.namespace, 3)
 
@@ -112,8 +113,10 @@ async def test_a_refused_declarative_change_is_not_ready_and_degraded(instances,
     assert "Rejected" in ready(body)["message"]
     status, message = argocd_health(body)
     assert status == "Degraded" and "Rejected" in message
-    # Stalled stays False for a refusal: kstatus waits on it (InProgress), it does not fail it
-    assert (condition(body, "Stalled")["status"], kstatus(body)) == ("False", ("InProgress", ready(body)["message"]))
+    # refused until the spec changes again: Stalled, which kstatus (Flux, kpt) reads as Failed
+    stalled = condition(body, "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "SpecRejected"), stalled
+    assert kstatus(body) == ("Failed", stalled["message"]) and "Rejected" in stalled["message"]
 
 
 async def test_ready_turns_false_when_the_domain_vanishes_out_of_band(instances, agents, libvirt_view):
@@ -127,8 +130,11 @@ async def test_ready_turns_false_when_the_domain_vanishes_out_of_band(instances,
     body = await instances.wait("vm", lambda b: ready(b).get("reason") == "DomainMissing",
                                 what="Ready=False, DomainMissing", agents=agents)
     assert ready(body)["status"] == "False" and status_of(body)["powerState"] == "nostate"
-    assert argocd_health(body) == ("Degraded", "libvirt has no domain for this instance")
-    assert kstatus(body) == ("InProgress", "libvirt has no domain for this instance")  # Stalled is False
+    health, said = argocd_health(body)
+    assert health == "Degraded" and said.startswith("libvirt has no domain for this instance: ")
+    # only a person can resolve it: Stalled, and kstatus says Failed
+    assert (condition(body, "Stalled")["status"], condition(body, "Stalled")["reason"]) == ("True", "DomainMissing")
+    assert kstatus(body) == ("Failed", condition(body, "Stalled")["message"])
 
     # an administrator marks it broken: vmState error, Stalled=True, and kstatus says Failed
     await instances.request("vm", {"name": "ResetState", "id": "reset-1", "state": "error"})

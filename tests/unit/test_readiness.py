@@ -17,7 +17,7 @@ from novalet.api.models import (
 )
 from novalet.core.conditions import find, set_condition
 from novalet.core.desire import declarative_action
-from novalet.core.presentation import readiness, with_presentation
+from novalet.core.presentation import readiness, stalled, with_presentation
 from novalet.core.vocabulary import PowerState, TaskState, VmState
 
 T0 = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
@@ -104,3 +104,25 @@ def test_ready_only_when_idle_settled_and_the_spec_is_met(current, wanted):
         assert current.taskState is None and current.vmState not in (
             None, VmState.BUILDING, VmState.ERROR, VmState.RESIZED, VmState.DELETED)
         assert declarative_action(wanted, current) is None
+
+
+@pytest.mark.parametrize("case,state,reason", [
+    ("in flight", status(taskState=TaskState.PAUSING, currentTask=task()), None),
+    ("error", status(vm=VmState.ERROR, lastAction=record("x", "Failed")), "Error"),
+    ("backoff", status(backoff=Backoff(request="spec-g2-pause", failures=2, lastError="boom",
+                                       nextRetryAt=T0)), "Backoff"),
+    ("domain vanished", status(power=PowerState.NOSTATE), "DomainMissing"),
+    ("spec change refused", status(vm=VmState.SUSPENDED, power=PowerState.SHUTOFF,
+                                   lastAction=record("spec-g3-resize", "Rejected", "Resize")), "SpecRejected"),
+    ("one-shot refused: the spec is met", status(lastAction=record("r-1", "Rejected", "Rebuild")), None),
+    ("resize awaiting a person's word is no failure", status(vm=VmState.RESIZED), None),
+    ("agent unavailable: it may come back", set_condition(status(), "HostAgentReady", False, "LeaseExpired", "", T0),
+     None),
+])
+def test_stalled_only_when_no_progress_comes_without_someone(case, state, reason):
+    wanted = VirtualInstanceSpec(flavor=Flavor(vcpus=2, memoryMiB=128), powerState="Suspended") \
+        if case == "spec change refused" else spec()
+    is_stalled, why, _message = stalled(state, wanted)
+    assert (why if is_stalled else None) == reason, case
+    written = find(with_presentation(state, T0, wanted), "Stalled")
+    assert written.status == ("True" if reason else "False") and (not reason or written.message)

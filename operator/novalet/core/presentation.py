@@ -68,26 +68,42 @@ def readiness(status: VirtualInstanceStatus, spec: VirtualInstanceSpec | None = 
     return True, phase(status), f"last action {last.result}: {last.message}" if refused else ""
 
 
+# Ready=False reasons the agent cannot resolve by itself: kstatus reads them as Stalled (Failed)
+NEEDS_A_PERSON = {"DomainMissing": "the domain vanished out of band: rebuild, reset-state or delete the instance"}
+
+
+def stalled(status: VirtualInstanceStatus, spec: VirtualInstanceSpec | None) -> tuple[bool, str, str]:
+    """Stalled (kstatus: no progress without someone's intervention), its reason and message:
+    an error, a failing step's backoff, a spec change refused for good, a vanished domain."""
+    if status.taskState is not None:
+        return False, "None", ""
+    last, retry = status.lastAction, status.backoff
+    if retry is not None:
+        return True, "Backoff", (
+            f"{retry.request} failed {retry.failures} time{'s' * (retry.failures > 1)}: {retry.lastError}; "
+            f"next retry at {retry.nextRetryAt.isoformat()} (or at once when the spec changes)")
+    if status.vmState == V.ERROR:
+        return True, "Error", last.message if last else ""
+    _, reason, message = readiness(status, spec)
+    if reason in NEEDS_A_PERSON:
+        return True, reason, f"{message}: {NEEDS_A_PERSON[reason]}"
+    if reason == "SpecNotMet" and last and last.result == "Rejected" and last.id.startswith("spec-g"):
+        return True, "SpecRejected", f"{message}; change the spec to ask for something else"
+    return False, "None", ""
+
+
 def with_presentation(status: VirtualInstanceStatus, now: datetime, spec: VirtualInstanceSpec | None = None,
                       generation: int | None = None) -> VirtualInstanceStatus:
     """Set phase and the Ready/Reconciling/Stalled conditions (with the generation they speak
     of, when given); keep other conditions."""
     busy = status.taskState is not None
-    failed = status.vmState == V.ERROR
-    last = status.lastAction
-    retry = status.backoff if not busy else None
-    if retry is not None:
-        stalled = _condition(status, now, "Stalled", True, "Backoff", (
-            f"{retry.request} failed {retry.failures} time{'s' * (retry.failures > 1)}: {retry.lastError}; "
-            f"next retry at {retry.nextRetryAt.isoformat()} (or at once when the spec changes)"), generation)
-    else:
-        stalled = _condition(status, now, "Stalled", failed, "Error" if failed else "None",
-                             last.message if failed and last else "", generation)
+    is_stalled, stalled_reason, stalled_message = stalled(status, spec)
     ready, reason, message = readiness(status, spec)
+    task = status.currentTask
     ours = {
         "Ready": _condition(status, now, "Ready", ready, reason, message, generation),
-        "Reconciling": _condition(status, now, "Reconciling", busy,
-                                  status.taskState.value if busy else "Idle", "", generation),
-        "Stalled": stalled,
+        "Reconciling": _condition(status, now, "Reconciling", busy, status.taskState.value if busy else "Idle",
+                                  f"{task.name} in {status.taskState.value}" if busy and task else "", generation),
+        "Stalled": _condition(status, now, "Stalled", is_stalled, stalled_reason, stalled_message, generation),
     }
     return set_conditions(status, *ours.values()).model_copy(update={"phase": phase(status)})
