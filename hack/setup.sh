@@ -22,6 +22,7 @@ packages=(
   libvirt-dev pkg-config gcc python3-dev python3-venv                   # building libvirt-python
   util-linux mount passwd ca-certificates curl git                      # unshare/mount, useradd, downloads
   lua5.1                                                                # runs the chart's Argo CD health check in tests
+  dnsmasq-base iproute2 iptables nftables                               # libvirt network driver; nft: tests read host rules
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,7 +1,9 @@
-"""`novalet dev up|down|status|env`: the local stack (control plane + private libvirtd).
+"""`novalet dev up|down|status|env|exec`: the local stack (control plane + private libvirtd).
 
 The daemons are started detached (each in its own session, pids in the state dir), so they
-outlive the command; `dev down` stops exactly those processes.
+outlive the command; `dev down` stops exactly those processes. The guests' network exists only
+inside the stack's network namespace (novalet_dev.libvirtd): `dev exec -- CMD...` runs a
+command there, to reach guests.
 """
 
 from __future__ import annotations
@@ -96,6 +98,10 @@ def _status(args: argparse.Namespace) -> int:
     if cps["server"]:
         print(f"  server: {cps['server']}  kubeconfig: {cps['kubeconfig']}")
     print(f"  libvirt uri: {lvs['uri']}  domain type: {domain_type()}")
+    if lvs["netns"]:
+        net = lvs["network"]
+        print(f"  guest network: {net['name']} (bridge {net['bridge']}, {net['address']}) in the network "
+              f"namespace {lvs['netns']}: `novalet dev exec -- CMD` runs CMD there")
     return 0 if ok else 3
 
 
@@ -114,6 +120,29 @@ def _env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exec(args: argparse.Namespace) -> int:
+    """Replace this process with CMD inside the stack's network namespace (nsenter), so its
+    exit status, signals and terminal are CMD's own. An argv list: no shell in between."""
+    _, _, lv = _stack(args)
+    argv = list(args.cmd)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        _err("usage: novalet dev exec [--state-dir DIR] -- CMD [ARG...]")
+        return 2
+    if os.geteuid() != 0:
+        _err("joining the stack's network namespace needs root: run it as root or via sudo")
+        return 1
+    if not lv.netns_exists():
+        _err(f"the stack's network namespace ({lv.netns_path}) is not there: run `novalet dev up`")
+        return 1
+    command = lv.netns_command(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
+    return 127  # not reached
+
+
 def _image(args: argparse.Namespace) -> int:
     from .guest import GuestBuildError, build_tiny_image
 
@@ -128,7 +157,7 @@ def _image(args: argparse.Namespace) -> int:
 
 
 def add_dev_commands(subparsers) -> argparse.ArgumentParser:
-    """Register `dev {up,down,status,env}` on an argparse subparsers object."""
+    """Register `dev {up,down,status,env,exec,image}` on an argparse subparsers object."""
     dev = subparsers.add_parser("dev", help="the local development stack (Kubernetes control plane + libvirtd)")
     dev_sub = dev.add_subparsers(dest="dev_command", required=True)
 
@@ -160,6 +189,13 @@ def add_dev_commands(subparsers) -> argparse.ArgumentParser:
     env = dev_sub.add_parser("env", help="print shell exports: eval \"$(novalet dev env)\"")
     common(env)
     env.set_defaults(func=_env)
+
+    run_in = dev_sub.add_parser("exec", help="run a command inside the stack's network namespace, where the "
+                                             "guests' network is: novalet dev exec -- CMD [ARG...]")
+    common(run_in)
+    run_in.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
+                        help="the command and its arguments (exit status passed through)")
+    run_in.set_defaults(func=_exec)
 
     image = dev_sub.add_parser("image", help="put the tiny test guest (Debian kernel + busybox) into an "
                                              "image pool")

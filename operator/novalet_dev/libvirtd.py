@@ -24,6 +24,29 @@ reconnects to a running guest it insists on finding its cgroup ("At least one cg
 is required") and *kills the guest* (``shutting down, reason=daemon``). With no cgroup file
 system mounted, ``virCgroupAvailable()`` is false and libvirt skips cgroups on both paths.
 
+Why a network namespace
+-----------------------
+Guests need a network with DHCP, and these machines allow no bridge, route, NAT or firewall rule
+in their own network namespace. So libvirtd runs in a network namespace of its own as well, and
+its network driver builds the guest network there: a libvirt network ``default`` (bridge
+``virbr-nv0``, 192.168.177.0/24, DHCP from libvirt's dnsmasq); the namespace's other interfaces
+are ``lo`` and the guests' taps on that bridge. Forward mode ``open``: libvirt adds no firewall rule at all and nothing needs one, since
+there is no uplink for traffic to leave by; DNS is off, so dnsmasq never looks for an upstream
+server. Guest-to-guest traffic crosses the bridge, and processes in the namespace reach guests
+through the bridge's address (``exec_in_netns``, ``novalet dev exec -- CMD``).
+
+The namespace is persistent, ``ip netns``-style: ``unshare --net=<state>/netns`` binds it to a
+file in the state directory (and brings ``lo`` up), and libvirtd is started by ``nsenter
+--net=<that file>``, so a restarted libvirtd joins the same namespace and finds its bridge,
+dnsmasq and the guests' tap devices (QEMU and dnsmasq inherit the namespace and outlive
+libvirtd, like the mount namespace). Inside the mount namespace sysfs is mounted afresh, so
+``/sys/class/net`` shows this namespace's devices, and the copies of other namespace files
+(another stack's netns) are unmounted. ``stop()`` removes the namespace when no guest runs any
+more: it destroys the networks through libvirt (dnsmasq ends, the bridge goes), ends what is
+left of our own processes in it by pid (guests' and dnsmasq's pid files in the private /run),
+and unmounts the file; with nothing holding it the kernel frees the namespace and every device
+in it. With guests still running (``restart()``, ``dev down --keep-guests``) it stays.
+
 The daemon's sockets are for root only (``unix_sock_*_perms`` 0770/0700, group root): even the
 read-only socket, with ``auth_unix_ro = "none"``, shows every guest's definition and state.
 No path is ever put into a shell script: the namespace's first process is ``nsexec.py``, which
@@ -61,6 +84,10 @@ from novalet.virt.kvm import cache_root, domain_type, kvm_probe_file
 from .processes import log_tail, pid_alive, proc_cmdline
 
 __all__ = [
+    "BRIDGE",
+    "GATEWAY",
+    "NETWORK_NAME",
+    "NETWORK_XML",
     "Libvirtd",
     "LibvirtdError",
     "cache_root",
@@ -77,6 +104,26 @@ BIND_MOUNTS = {
     "/var/log/libvirt": "log",
     "/var/cache/libvirt": "cache",
 }
+
+
+# The guest network, built by libvirt's network driver inside the stack's network namespace
+# (module docstring). Forward mode "open": no firewall rule anywhere, and nothing to forward to,
+# since the namespace has no interface but lo and this bridge (no uplink, no veth to the host).
+NETWORK_NAME = "default"
+BRIDGE = "virbr-nv0"
+GATEWAY = "192.168.177.1"
+NETWORK_XML = f"""<network>
+  <name>{NETWORK_NAME}</name>
+  <forward mode='open'/>
+  <bridge name='{BRIDGE}' stp='off' delay='0'/>
+  <dns enable='no'/>
+  <ip address='{GATEWAY}' netmask='255.255.255.0'>
+    <dhcp>
+      <range start='192.168.177.10' end='192.168.177.254'/>
+    </dhcp>
+  </ip>
+</network>
+"""
 
 
 class LibvirtdError(RuntimeError):
@@ -170,6 +217,11 @@ class Libvirtd:
     def config_file(self) -> Path:
         return self.state_dir / "etc" / "libvirtd.conf"
 
+    @property
+    def netns_path(self) -> Path:
+        """The file the stack's network namespace is bound to (module docstring)."""
+        return self.state_dir / "netns"
+
     def private_dir(self, system_path: str) -> Path:
         return self.state_dir / BIND_MOUNTS[system_path]
 
@@ -188,6 +240,149 @@ class Libvirtd:
             return int((self.qemu_run_dir / f"{domain_name}.pid").read_text().strip())
         except (OSError, ValueError):
             return None
+
+    # the network namespace ----------------------------------------------------------------
+    def _netns_id(self) -> tuple[int, int] | None:
+        """(device, inode) of the namespace bound to ``netns_path``, or None when no namespace
+        is bound there (a namespace file lives on nsfs, like /proc/self/ns/net)."""
+        try:
+            st = os.stat(self.netns_path)
+            nsfs = os.stat("/proc/self/ns/net").st_dev
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino) if st.st_dev == nsfs else None
+
+    def netns_exists(self) -> bool:
+        return self._netns_id() is not None
+
+    def in_netns(self, pid: int) -> bool:
+        """Whether process ``pid`` lives in the stack's network namespace."""
+        ours = self._netns_id()
+        try:
+            st = os.stat(f"/proc/{pid}/ns/net")
+        except OSError:
+            return False
+        return ours is not None and (st.st_dev, st.st_ino) == ours
+
+    def netns_command(self, argv: list[str] | tuple[str, ...]) -> list[str]:
+        """``argv`` run inside the stack's network namespace (an argv list; needs root)."""
+        nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+        return [nsenter, f"--net={self.netns_path}", "--", *[str(a) for a in argv]]
+
+    def exec_in_netns(self, argv: list[str] | tuple[str, ...], **kwargs) -> subprocess.CompletedProcess:
+        """Run ``argv`` inside the stack's network namespace, where the guests' bridge is:
+        ``subprocess.run`` with ``kwargs`` (check, capture_output, text, timeout, ...)."""
+        if not self.netns_exists():
+            raise LibvirtdError(f"the stack's network namespace ({self.netns_path}) is not there: "
+                                "start the stack (`novalet dev up`)")
+        check = kwargs.pop("check", False)
+        return subprocess.run(self.netns_command(argv), check=check, **kwargs)
+
+    def _ensure_netns(self) -> None:
+        """Create the persistent network namespace with ``lo`` up, unless it exists."""
+        if self.netns_exists():
+            return
+        self.netns_path.unlink(missing_ok=True)
+        self.netns_path.touch(mode=0o600)
+        ip = shutil.which("ip") or "/usr/sbin/ip"
+        r = subprocess.run(["unshare", f"--net={self.netns_path}", "--", ip, "link", "set", "lo", "up"],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+        if r.returncode != 0 or not self.netns_exists():
+            self._unmount_netns()
+            raise LibvirtdError(f"creating the network namespace {self.netns_path} failed "
+                                f"(exit {r.returncode}): {r.stderr.strip()}")
+
+    def _unmount_netns(self) -> None:
+        if self.netns_exists():
+            r = subprocess.run(["umount", "--", str(self.netns_path)], stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, check=False)
+            if r.returncode != 0:
+                print(f"novalet libvirtd: umount {self.netns_path} failed: {r.stderr.strip()}", file=sys.stderr)
+                return
+        self.netns_path.unlink(missing_ok=True)
+
+    def _own_pids_in_netns(self, kind: str) -> list[int]:
+        """Live pids from our pid files (``kind``: "qemu" for guests, "network" for dnsmasq)
+        in the private /run/libvirt, that run in our network namespace (so not a reused pid)."""
+        pids = []
+        for f in sorted((self.private_dir("/run/libvirt") / kind).glob("*.pid")):
+            try:
+                pid = int(f.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if pid > 1 and pid_alive(pid) and self.in_netns(pid):
+                pids.append(pid)
+        return pids
+
+    def _remove_netns(self, *, kill_guests: bool, timeout: float = 10.0) -> None:
+        """Take the network namespace down (module docstring), unless guests still run in it
+        and ``kill_guests`` is false. Ends only processes of ours, by pid."""
+        if not self.netns_exists():
+            self.netns_path.unlink(missing_ok=True)  # a stale file (after a reboot)
+            return
+        guests = self._own_pids_in_netns("qemu")
+        if guests and not kill_guests:
+            return
+        pids = guests + self._own_pids_in_netns("network")
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                if self.in_netns(pid):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.monotonic() + timeout
+            while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            pids = [p for p in pids if pid_alive(p)]
+            if not pids:
+                break
+        self._unmount_netns()
+
+    def _ensure_network(self) -> None:
+        """Define (once), autostart and start the guest network ``default``."""
+        import libvirt
+
+        conn = self.connect()
+        try:
+            if NETWORK_NAME in conn.listNetworks() + conn.listDefinedNetworks():
+                net = conn.networkLookupByName(NETWORK_NAME)
+            else:
+                net = conn.networkDefineXML(NETWORK_XML)
+            if not net.autostart():
+                net.setAutostart(1)
+            if not net.isActive():
+                try:
+                    net.create()
+                except libvirt.libvirtError:
+                    if not net.isActive():  # not just started by libvirtd's own autostart
+                        raise
+        except libvirt.libvirtError as e:
+            raise LibvirtdError(f"the guest network {NETWORK_NAME!r} did not start: {e}") from e
+        finally:
+            conn.close()
+
+    def _destroy_networks_unless_guests(self) -> None:
+        """With no guest running, stop every active network through libvirt (its dnsmasq
+        ends, its bridge goes), so that the namespace can go too."""
+        import libvirt
+
+        try:
+            conn = self.connect()
+        except libvirt.libvirtError:
+            return
+        try:
+            if conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                return
+            for net in conn.listAllNetworks(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE):
+                try:
+                    net.destroy()
+                except libvirt.libvirtError as e:
+                    print(f"novalet libvirtd: stopping network {net.name()} failed: {e}", file=sys.stderr)
+        except libvirt.libvirtError:
+            pass
+        finally:
+            conn.close()
 
     # state ------------------------------------------------------------------------------
     @property
@@ -303,11 +498,11 @@ class Libvirtd:
 
     # lifecycle --------------------------------------------------------------------------
     def check_prerequisites(self) -> None:
-        missing = [t for t in ("libvirtd", "unshare", "mount", "umount") if not shutil.which(t)
-                   and not os.path.exists(f"/usr/sbin/{t}")]
+        missing = [t for t in ("libvirtd", "unshare", "nsenter", "mount", "umount", "ip", "dnsmasq")
+                   if not shutil.which(t) and not os.path.exists(f"/usr/sbin/{t}")]
         if missing:
-            raise LibvirtdError(f"missing {', '.join(missing)}: run `sudo hack/setup.sh` "
-                                "(installs libvirt-daemon, libvirt-daemon-driver-qemu, qemu-system-x86)")
+            raise LibvirtdError(f"missing {', '.join(missing)}: run `sudo hack/setup.sh` (installs "
+                                "libvirt-daemon, libvirt-daemon-driver-qemu, qemu-system-x86, dnsmasq-base, iproute2)")
         if not os.path.exists("/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so") \
                 and not list(Path("/usr/lib").glob("*/libvirt/connection-driver/libvirt_driver_qemu.so")):
             raise LibvirtdError("libvirt's QEMU driver is missing: run `sudo hack/setup.sh` "
@@ -316,16 +511,18 @@ class Libvirtd:
             raise LibvirtdError("qemu-system-x86_64 is missing: run `sudo hack/setup.sh` "
                                 "(apt-get install qemu-system-x86)")
         if os.geteuid() != 0:
-            raise LibvirtdError("the private libvirtd needs root (it runs the privileged QEMU driver in a "
-                                "private mount namespace): run the tests / `novalet dev up` as root or via sudo")
+            raise LibvirtdError("the private libvirtd needs root (it runs the privileged QEMU driver in "
+                                "private mount and network namespaces): run the tests / `novalet dev up` as root "
+                                "or via sudo")
 
     def _command(self) -> list[str]:
         """An argv list from end to end: no shell parses any path (see nsexec.py)."""
         libvirtd = shutil.which("libvirtd") or "/usr/sbin/libvirtd"
         mounts = [arg for target, name in BIND_MOUNTS.items() for arg in (str(self.state_dir / name), target)]
         nsexec = str(Path(__file__).with_name("nsexec.py"))
-        return ["unshare", "--mount", "--propagation", "private", "--", sys.executable, "-I", "-S", nsexec,
-                libvirtd, str(self.config_file), str(self.pid_file), *mounts]
+        return [*self.netns_command(["unshare", "--mount", "--propagation", "private", "--",
+                                     sys.executable, "-I", "-S", nsexec,
+                                     libvirtd, str(self.config_file), str(self.pid_file), *mounts])]
 
     def start(self, timeout: float = 20.0) -> Libvirtd:
         if self.is_running():
@@ -340,6 +537,7 @@ class Libvirtd:
         for target in BIND_MOUNTS:
             os.makedirs(target, exist_ok=True)  # mount points; empty, see module docstring
         self._seed_caps_cache()
+        self._ensure_netns()
         self.pid_file.unlink(missing_ok=True)
         self.socket_path.unlink(missing_ok=True)
         log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
@@ -356,6 +554,11 @@ class Libvirtd:
                 self.stop()
                 raise LibvirtdError(self._failure(f"libvirtd did not answer within {timeout}s", log_start))
             time.sleep(0.02)
+        try:
+            self._ensure_network()
+        except LibvirtdError as e:
+            self.stop()
+            raise LibvirtdError(self._failure(str(e), log_start)) from e
         self._save_caps_cache()
         return self
 
@@ -389,7 +592,9 @@ class Libvirtd:
     def stop(self, timeout: float = 10.0, *, destroy_domains: bool = False) -> None:
         """Stop our libvirtd: SIGTERM to its process group, SIGKILL after ``timeout``.
 
-        Guests keep running unless ``destroy_domains`` (QEMU runs in its own session).
+        Guests keep running unless ``destroy_domains`` (QEMU runs in its own session), and so do
+        the guest network and the network namespace while they do; with no guest left, the
+        network and the namespace go too (module docstring).
         """
         if self.is_running():
             self._save_caps_cache()
@@ -398,6 +603,12 @@ class Libvirtd:
                 self.destroy_all_domains()
             except Exception as e:  # noqa: BLE001 - stopping must go on
                 print(f"novalet libvirtd: destroying domains failed: {e}", file=sys.stderr)
+        if self.is_running() and self.healthy():
+            self._destroy_networks_unless_guests()
+        self._stop_daemon(timeout)
+        self._remove_netns(kill_guests=destroy_domains, timeout=timeout)
+
+    def _stop_daemon(self, timeout: float) -> None:
         pid = self.pid
         if pid is None:
             self._reap()
@@ -443,4 +654,5 @@ class Libvirtd:
         pid = self.pid
         return {"name": "libvirtd", "pid": pid, "running": pid is not None,
                 "healthy": pid is not None and self.healthy(), "uri": self.uri,
-                "log": str(self.log_file)}
+                "log": str(self.log_file), "netns": str(self.netns_path) if self.netns_exists() else None,
+                "network": {"name": NETWORK_NAME, "bridge": BRIDGE, "address": f"{GATEWAY}/24"}}

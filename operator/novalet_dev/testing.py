@@ -1,7 +1,9 @@
 """pytest fixtures over the real local stack (load with ``pytest_plugins = ["novalet_dev.testing"]``).
 
 Session-scoped: one control plane (``control_plane``) and one private libvirtd (``libvirtd``,
-``libvirt_uri``) per test session, in a temporary directory, stopped at session end; the CRDs
+``libvirt_uri``) per test session, in a temporary directory, stopped at session end (its network
+namespace, guest network and guests with it); ``guest_netns`` runs commands inside that network
+namespace, the only place the guests' network ``default`` is reachable from; the CRDs
 from ``crds/`` installed once (``crds``). Per test: a fresh ``namespace`` (deleted afterwards) and
 a kubernetes_asyncio ``kube_api`` client. A missing prerequisite fails the test with what to do;
 these fixtures never skip.
@@ -10,6 +12,7 @@ these fixtures never skip.
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -18,8 +21,8 @@ import pytest
 from .controlplane import ControlPlane, ControlPlaneError, find_bin_dir, repo_root
 from .libvirtd import Libvirtd, LibvirtdError, domain_type
 
-__all__ = ["control_plane", "crds", "image_pool", "kube_api", "libvirt_domain_type", "libvirt_uri", "libvirtd",
-           "namespace"]
+__all__ = ["control_plane", "crds", "guest_netns", "image_pool", "kube_api", "libvirt_domain_type", "libvirt_uri",
+           "libvirtd", "namespace"]
 
 TINY = "tiny"  # the tiny test guest's image name in `image_pool`
 
@@ -95,6 +98,21 @@ def libvirtd(stack_dir):
 @pytest.fixture(scope="session")
 def libvirt_uri(libvirtd) -> str:
     return libvirtd.uri
+
+
+@pytest.fixture(scope="session")
+def guest_netns(libvirtd):
+    """``run(*argv, timeout=30, check=False)`` -> CompletedProcess (text, stdout and stderr
+    captured): ``argv`` run inside the session libvirtd's network namespace, where the guests'
+    bridge (``novalet_dev.libvirtd.BRIDGE``, 192.168.177.1/24) and their DHCP server are.
+    ``run.path`` is the namespace's file."""
+
+    def run(*argv: str, timeout: float = 30, check: bool = False):
+        return libvirtd.exec_in_netns([str(a) for a in argv], capture_output=True, text=True,
+                                      stdin=subprocess.DEVNULL, timeout=timeout, check=check)
+
+    run.path = libvirtd.netns_path  # type: ignore[attr-defined]
+    return run
 
 
 @pytest.fixture(scope="session")
