@@ -55,6 +55,15 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _network(text: str) -> tuple[str, tuple[str, str]]:
+    from .agent.operations import parse_network
+
+    try:
+        return parse_network(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -124,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve Prometheus metrics on this port (0: off; docs/operations.md)")
     run.add_argument("--metrics-address", default="127.0.0.1",
                      help="address the metrics listen on (0.0.0.0 in a pod, for Prometheus to scrape)")
+    run.add_argument("--network", action="append", type=_network, metavar="NAME=network:LIBVIRT_NETWORK",
+                     help="a network this node provides to spec.interfaces: a libvirt network "
+                          "(NAME=network:NET) or an existing host bridge (NAME=bridge:BRIDGE); repeatable "
+                          "(default: default=network:default; docs/networks.md)")
     run.add_argument("--verbose", action="store_true")
     run.set_defaults(func=_run)
 

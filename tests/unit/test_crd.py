@@ -91,7 +91,10 @@ def test_metadata(crd, version):
 
 def test_printer_columns(version):
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    assert list(columns) == ["VM State", "Task", "Power", "Node", "Age"]
+    assert list(columns) == ["VM State", "Task", "Power", "Node", "Age", "IP"]
+    # the first address, in `kubectl get -o wide` only
+    assert columns["IP"] == {"name": "IP", "type": "string", "jsonPath": ".status.interfaces[0].ipAddresses[0]",
+                             "priority": 1}
     assert columns["VM State"]["jsonPath"] == ".status.vmState"
     assert columns["Task"]["jsonPath"] == ".status.taskState"
     assert columns["Power"]["jsonPath"] == ".status.powerState"

@@ -15,6 +15,7 @@ from novalet.virt.domain_xml import (
     Flavor,
     InstanceMetadata,
     KernelBoot,
+    NetworkInterface,
     build_domain_xml,
     domain_name,
     instance_domain_config,
@@ -64,9 +65,9 @@ def test_normal_domain_shape():
     assert len(disks) == 1
     assert disks[0].find("target").attrib == {"dev": "vda", "bus": "virtio"}
     assert disks[0].find("driver").get("type") == "qcow2"
-    serial = root.find("devices/serial")
-    assert serial.get("type") == "file"
-    assert serial.find("source").get("path").endswith("/serial.log")
+    serial = root.find("devices/serial")  # a pty for the console stream, logged to the file
+    assert serial.get("type") == "pty"
+    assert serial.find("log").attrib == {"file": f"/var/lib/novalet/instances/{UID}/serial.log", "append": "on"}
     ch = root.find("devices/channel")
     assert ch.get("type") == "unix"
     assert ch.find("target").attrib == {"type": "virtio", "name": GUEST_AGENT_CHANNEL}
@@ -120,6 +121,36 @@ def test_metadata_round_trip_with_old_flavor():
     xml = build_domain_xml(config(m))
     assert read_metadata(xml) == m
     assert f'xmlns:novalet="{NS}"' in xml
+
+
+NICS = (NetworkInterface("default", "52:54:00:0a:0b:0c", "network", "default"),
+        NetworkInterface("ext", "52:54:00:0d:0e:0f", "bridge", "br-ext"))
+
+
+def test_interfaces_and_the_cidata_disk():
+    root = parse(config(meta(interfaces=NICS), cidata=f"/var/lib/novalet/instances/{UID}/cidata.iso"))
+    nics = root.findall("devices/interface")
+    assert [(n.get("type"), n.find("mac").get("address"), n.find("source").attrib, n.find("model").get("type"))
+            for n in nics] == [("network", "52:54:00:0a:0b:0c", {"network": "default"}, "virtio"),
+                               ("bridge", "52:54:00:0d:0e:0f", {"bridge": "br-ext"}, "virtio")]
+    cidata = root.findall("devices/disk")[-1]
+    assert cidata.find("source").get("file").endswith("/cidata.iso")
+    assert cidata.find("driver").get("type") == "raw" and cidata.find("readonly") is not None
+
+
+def test_interfaces_are_recorded_in_the_metadata_and_kept_by_every_redefinition():
+    m = meta(interfaces=NICS)
+    assert read_metadata(build_domain_xml(config(m))) == m
+    rescue = parse(config(meta(interfaces=NICS, config="rescue")))
+    assert len(rescue.findall("devices/interface")) == 2
+
+
+@pytest.mark.parametrize("bad", [{"mac": "52:54:00:0A:0B:0C"}, {"kind": "user"}, {"source": "br0;rm"},
+                                 {"source": ""}, {"name": "Eth0"}])
+def test_interface_validation(bad):
+    with pytest.raises(ValueError):
+        NetworkInterface(**{"name": "default", "mac": "52:54:00:0a:0b:0c", "kind": "network",
+                            "source": "default", **bad})
 
 
 def test_metadata_for_set_metadata_carries_no_namespace_of_its_own():

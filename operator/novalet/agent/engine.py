@@ -17,7 +17,17 @@ from typing import Any
 from .. import FINALIZER
 from ..api.models import CurrentTask, InstanceLock, VirtualInstance, VirtualInstanceStatus
 from ..api.policies import REQUESTED_BY
-from ..core import authorization, backoff, conditions, policy, presentation, recovery, transitions, waits
+from ..core import (
+    authorization,
+    backoff,
+    conditions,
+    interfaces,
+    policy,
+    presentation,
+    recovery,
+    transitions,
+    waits,
+)
 from ..core.backoff import BackoffPolicy
 from ..core.desire import Request, preempts_running_task, supersedes_running_task
 from ..core.next_step import Kind, is_mine, next_step
@@ -138,7 +148,7 @@ class Engine:
                 await self.store.write_finalizers(body, [*inst.metadata.finalizers, FINALIZER])
             case Kind.SYNC:
                 self.forget(inst.metadata.uid)
-                return 0.0 if await self._sync(body, inst) else None
+                return await self._sync(body, inst)
             case Kind.REQUEST:
                 self.forget(inst.metadata.uid)
                 return await self._take(body, inst, step.request)
@@ -394,18 +404,22 @@ class Engine:
         return 0.0
 
     # ---- no task, no request ---------------------------------------------------------
-    async def _sync(self, body: dict[str, Any], inst: VirtualInstance) -> bool:
-        """Nothing to do for the spec: record libvirt's power state (drift), and that this
-        generation is handled when no action wrote it yet (e.g. a spec change that needs none)."""
+    async def _sync(self, body: dict[str, Any], inst: VirtualInstance) -> float | None:
+        """Nothing to do for the spec: record libvirt's power state (drift) and the interfaces'
+        addresses, and that this generation is handled when no action wrote it yet (e.g. a spec
+        change that needs none). 0 when it wrote; while a guest just started has no lease yet,
+        when to look for it again."""
         facts = await self.ops.facts(inst)
+        seen = await self.ops.interfaces(inst) if facts.exists and interfaces.should_look(inst.status) else None
 
         def synced(status: VirtualInstanceStatus) -> VirtualInstanceStatus:
-            return transitions.observe_power(status, facts.power_state, facts.exists, now())
+            status = transitions.observe_power(status, facts.power_state, facts.exists, now())
+            return status if seen is None else status.model_copy(update={"interfaces": seen})
 
         if _same(self._as_written(synced(inst.status), inst), inst.status):
-            return False
+            return interfaces.address_poll_after(inst.status, now())
         await self._cas(body, synced, guard=None)
-        return True
+        return 0.0
 
     # ---- who asked -----------------------------------------------------------------
     async def _vouch(self, inst: VirtualInstance, request: Request) -> tuple[Request, str | None]:

@@ -30,7 +30,7 @@ from .engine import Engine
 from .fence import Fence, Fenced
 from .libvirt_calls import LibvirtCalls
 from .metrics import AgentMetrics, statuses_in
-from .operations import LibvirtTimeouts, Operations
+from .operations import DEFAULT_NETWORKS, LibvirtTimeouts, Operations
 from .orphans import OrphanReaper
 from .unreadable import Unreadable
 from .workqueue import WorkQueue
@@ -52,6 +52,8 @@ class Agent:
         self.timing = LeaseTiming(args.lease_duration, args.renew_deadline, args.lease_retry_period)
         self.backoff = BackoffPolicy(args.backoff_base, args.backoff_cap)
         self.fence = Fence(self.timing)
+        # the node's networks: `--network` entries (the last of a name wins), or `default` alone
+        self.networks = dict(args.network) if args.network else dict(DEFAULT_NETWORKS)
         self.metrics = AgentMetrics()
         self.lease_held = asyncio.Event()
         self.activation: asyncio.Task | None = None
@@ -66,7 +68,7 @@ class Agent:
         # the Lease gets a client (and connection pool) of its own: renewals must never queue
         # behind the node's instance traffic, or a busy agent fences itself
         self.lease = NodeLease(await api_client(), self.args.lease_namespace, self.node, self.identity,
-                               self.timing)
+                               self.timing, networks=self.networks)
         uri = self.args.libvirt_uri or os.environ.get("LIBVIRT_DEFAULT_URI") or "qemu:///system"
         kind = self.args.domain_type
         if kind == "auto":  # TCG unless a probe has booted a real guest under KVM
@@ -77,7 +79,7 @@ class Agent:
                  self.args.image_pool)
         self.ops = Operations(hypervisor, api, self.node, self.args.soft_reboot_timeout, self.args.stop_timeout,
                               LibvirtTimeouts(self.args.libvirt_timeout, self.args.libvirt_query_timeout),
-                              LibvirtCalls(self.args.libvirt_threads), self.metrics)
+                              LibvirtCalls(self.args.libvirt_threads), self.metrics, self.networks)
         self.engine = Engine(self.store, events, self.ops, self.node, self.identity,
                              self.backoff, self.metrics)
         # one flow per namespace: a tenant's storm does not hold another tenant's request

@@ -20,13 +20,16 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
-from ..api.models import VirtualInstance
+from ..api.models import InterfaceStatus, VirtualInstance
+from ..api.policies import REQUESTED_BY
 from ..core.authorization import secret_check
 from ..core.facts import MISSING, Facts
+from ..core.interfaces import interface_status, interfaces_of, mac_address
 from ..core.recovery import JOURNALED_OPS
 from ..core.vocabulary import Op, PowerState
 from ..kube.access import Access, SecretError
-from ..virt.domain_xml import InstanceMetadata
+from ..virt.cidata import CloudInit, meta_data
+from ..virt.domain_xml import InstanceMetadata, NetworkInterface
 from ..virt.hypervisor import DomainFacts, Hypervisor, HypervisorError, InstanceSpec
 from .libvirt_calls import CallTimedOut, LibvirtCalls
 from .metrics import AgentMetrics
@@ -36,6 +39,20 @@ log = logging.getLogger(__name__)
 
 class OperationError(Exception):
     """An operation failed; the message is what the user reads in lastAction."""
+
+
+USER_DATA_KEYS = ("userdata", "userData")  # the Secret keys KubeVirt's cloudInitNoCloud reads too
+DEFAULT_NETWORKS = {"default": ("network", "default")}
+
+
+def parse_network(text: str) -> tuple[str, tuple[str, str]]:
+    """`--network NAME=network:LIBVIRT_NETWORK` or `NAME=bridge:HOST_BRIDGE`."""
+    name, sep, target = text.partition("=")
+    kind, sep2, source = target.partition(":")
+    if not (sep and sep2 and name and source) or kind not in ("network", "bridge"):
+        raise ValueError(f"expected NAME=network:LIBVIRT_NETWORK or NAME=bridge:HOST_BRIDGE, got {text!r}")
+    NetworkInterface("probe", "52:54:00:00:00:00", kind, source)  # the same checks as the domain XML's
+    return name, (kind, source)
 
 
 class LibvirtTimeout(OperationError):
@@ -74,8 +91,10 @@ def facts_of(domain: DomainFacts) -> Facts:
 class Operations:
     def __init__(self, hypervisor: Hypervisor, api: client.ApiClient, node: str, soft_reboot_timeout: float,
                  stop_timeout: float = 60.0, timeouts: LibvirtTimeouts | None = None,
-                 calls: LibvirtCalls | None = None, metrics: AgentMetrics | None = None):
+                 calls: LibvirtCalls | None = None, metrics: AgentMetrics | None = None,
+                 networks: dict[str, tuple[str, str]] | None = None):
         self.hv, self.node = hypervisor, node
+        self.networks = DEFAULT_NETWORKS if networks is None else networks  # name -> (kind, source)
         self.metrics = metrics or AgentMetrics()
         self.core = client.CoreV1Api(api)
         self.soft_reboot_timeout, self.stop_timeout = soft_reboot_timeout, stop_timeout
@@ -159,22 +178,74 @@ class Operations:
         """The guest ignored the ACPI shutdown until the deadline: power it off."""
         await self._call(self.hv.destroy, inst.metadata.uid)
 
-    def _spec(self, inst: VirtualInstance) -> InstanceSpec:
+    def _spec(self, inst: VirtualInstance, cidata: CloudInit | None = None) -> InstanceSpec:
         task = inst.status.currentTask
         flavor = (task and task.targetFlavor) or inst.status.flavor or inst.spec.flavor
         image = task.targetImage if task and task.targetImage is not None else (inst.status.image or "")
         return InstanceSpec(uid=inst.metadata.uid, namespace=inst.metadata.namespace, name=inst.metadata.name,
-                            vcpus=flavor.vcpus, memory_mib=flavor.memoryMiB, image=image, node=self.node)
+                            vcpus=flavor.vcpus, memory_mib=flavor.memoryMiB, image=image, node=self.node,
+                            interfaces=self.nics(inst), cidata=cidata)
+
+    def nics(self, inst: VirtualInstance) -> tuple[NetworkInterface, ...]:
+        """The instance's interfaces on this node's networks; a network it does not provide fails."""
+        nics = []
+        for index, iface in enumerate(interfaces_of(inst.spec)):
+            if iface.network not in self.networks:
+                offered = ", ".join(sorted(self.networks)) or "none"
+                raise OperationError(f"interface {iface.name}: node {self.node} provides no network "
+                                     f"{iface.network} (it provides: {offered})")
+            kind, source = self.networks[iface.network]
+            nics.append(NetworkInterface(iface.name, mac_address(inst.metadata.uid, index), kind, source))
+        return tuple(nics)
+
+    async def cloud_init(self, inst: VirtualInstance) -> CloudInit:
+        """The cidata disk's content from the spec as it is now (user data inline or from a
+        Secret its requester may read, the SSH keys)."""
+        spec, meta = inst.spec, inst.metadata
+        user_data = spec.userData.encode() if spec.userData is not None else None
+        if spec.userDataSecretRef is not None:
+            user_data = (await self._user_data_secret(inst)).encode()
+        return CloudInit(meta_data(meta.uid, meta.name, spec.sshAuthorizedKeys), user_data)
+
+    async def _user_data_secret(self, inst: VirtualInstance) -> str:
+        name, namespace = inst.spec.userDataSecretRef.name, inst.metadata.namespace
+        requester = inst.metadata.annotations.get(REQUESTED_BY)
+        trusted = bool(requester) and await self.access.policies_in_force()
+        allowed = await self.access.allowed(requester, None, secret_check(namespace, name)) if trusted else False
+        if not allowed:
+            who = requester if trusted else "the spec's author (the admission policies are not in force)"
+            raise OperationError(f"not confirmed that {who} may get Secret {name} (userDataSecretRef); user data "
+                                 "only comes from a Secret the author of the spec may read")
+        try:
+            return await self.access.read_secret_key(namespace, name, USER_DATA_KEYS[0])
+        except SecretError as first:
+            try:
+                return await self.access.read_secret_key(namespace, name, USER_DATA_KEYS[1])
+            except SecretError:
+                raise OperationError(str(first)) from None
+
+    async def interfaces(self, inst: VirtualInstance) -> list[InterfaceStatus]:
+        """status.interfaces as libvirt has them: the NICs the domain was built with, their leases."""
+        nics, addresses = await self._query(self.hv.interfaces, inst.metadata.uid)
+        return interface_status(((nic.name, nic.mac) for nic in nics), addresses)
+
+    async def _guest_spec(self, inst: VirtualInstance) -> InstanceSpec:
+        image = self._spec(inst).image
+        return self._spec(inst, await self.cloud_init(inst) if image else None)
 
     # ---- build -----------------------------------------------------------------------
     async def op_plug_network(self, inst: VirtualInstance) -> None:
-        """Guests have no network devices yet: nothing to plug."""
+        """Every interface's network is one this node provides, and a libvirt network is up."""
+        for nic in self.nics(inst):
+            if nic.kind == "network" and not await self._query(self.hv.network_active, nic.source):
+                raise OperationError(f"interface {nic.name}: libvirt network {nic.source} of node {self.node} "
+                                     "is not active (virsh net-start)")
 
     async def op_prepare_disks(self, inst: VirtualInstance) -> None:
-        await self._call(self.hv.define, self._spec(inst))
+        await self._call(self.hv.define, await self._guest_spec(inst))
 
     async def op_spawn(self, inst: VirtualInstance) -> None:
-        await self._call(self.hv.define, self._spec(inst))
+        await self._call(self.hv.define, await self._guest_spec(inst))
         await self._call(self.hv.start, inst.metadata.uid)
 
     # ---- power -----------------------------------------------------------------------
@@ -239,7 +310,8 @@ class Operations:
 
     async def op_rebuild_disks(self, inst: VirtualInstance) -> None:
         image = inst.status.currentTask.targetImage or ""
-        await self._call(self.hv.rebuild, inst.metadata.uid, image, power_on=False)
+        cidata = await self.cloud_init(inst) if image else None  # the user data as the spec has it now
+        await self._call(self.hv.rebuild, inst.metadata.uid, image, power_on=False, cidata=cidata)
 
     # ---- snapshot, password, delete --------------------------------------------------
     async def op_snapshot(self, inst: VirtualInstance) -> None:

@@ -61,6 +61,11 @@ OBJECT_RULES = [
      "messageExpression": "'spec.nodeName cannot move an instance placed on node ' + oldSelf.status.node"
                           " + ': moving an instance is a migration (the Migrate action, not available yet)'",
      "reason": "FieldValueForbidden", "fieldPath": ".spec.nodeName"},
+    {"rule": "has(self.spec.interfaces) == has(oldSelf.spec.interfaces)"
+             " && (!has(self.spec.interfaces) || self.spec.interfaces == oldSelf.spec.interfaces)",
+     "message": "spec.interfaces cannot change after creation: interfaces are not hot-plugged "
+                "(create the instance again with the interfaces it needs)",
+     "reason": "FieldValueForbidden", "fieldPath": ".spec.interfaces"},
 ]
 
 
@@ -84,6 +89,8 @@ def crd_manifest() -> dict[str, Any]:
                 "additionalPrinterColumns": [
                     *({"name": n, "type": "string", "jsonPath": p} for n, p in columns),
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    {"name": "IP", "type": "string", "jsonPath": ".status.interfaces[0].ipAddresses[0]",
+                     "priority": 1},  # kubectl get -o wide
                 ],
                 "schema": {"openAPIV3Schema": {
                     "type": "object",

@@ -69,7 +69,30 @@ class ActionRequest(Model):
                     "(the agent's SubjectAccessReviews ask for this identity); others are refused.")
 
 
+IFACE_PATTERN = r"^[a-z]([a-z0-9-]{0,13}[a-z0-9])?$"
+# OpenSSH public key lines: a known type, the base64 key, an optional comment on the same line
+SSH_KEY_PATTERN = (r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)"
+                   r"|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com) [A-Za-z0-9+/]+={0,3}( [^\r\n]*)?$")
+USER_DATA_MAX_CHARS = 32768
+MAX_INTERFACES = 8
+MAX_SSH_KEYS = 32
+
+
+class Interface(Model):
+    name: str = Field(pattern=IFACE_PATTERN, max_length=15,
+                      description="The interface's name in status (a DNS label of at most 15 characters).")
+    network: str = Field(pattern=NAME_PATTERN, max_length=63,
+                         description="A network the node's agent provides (`novalet run --network`), e.g. default.")
+
+
+class SecretNameRef(Model):
+    name: str = Field(pattern=NAME_PATTERN, max_length=253, description="A Secret in the instance's namespace.")
+
+
 class VirtualInstanceSpec(Model):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=cel(
+        ("!has(self.userData) || !has(self.userDataSecretRef)", "give userData or userDataSecretRef, not both"),
+    ))
     flavor: Flavor
     image: ImageName = Field(default="", description="Image in the node's pool; empty = diskless.")
     powerState: Literal["Running", "Stopped", "Paused", "Suspended"] = "Running"
@@ -77,6 +100,21 @@ class VirtualInstanceSpec(Model):
     nodeName: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=63,
                                  description="Pin to a hypervisor node; empty = any agent claims it.")
     action: ActionRequest | None = None
+    interfaces: list[Interface] | None = Field(
+        default=None, max_length=MAX_INTERFACES,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="Network interfaces, fixed at creation. Omitted: one interface `default` on the network "
+                    "`default`; empty: none.")
+    userData: str | None = Field(
+        default=None, max_length=USER_DATA_MAX_CHARS,
+        description="cloud-init user data, delivered on a NoCloud `cidata` disk; a change takes effect at the "
+                    "next rebuild.")
+    userDataSecretRef: SecretNameRef | None = Field(
+        default=None, description="A Secret holding the user data under the key `userdata` (or `userData`); "
+                                  "its requester must be allowed to read it.")
+    sshAuthorizedKeys: list[Annotated[str, Field(max_length=8192, pattern=SSH_KEY_PATTERN)]] | None = Field(
+        default=None, max_length=MAX_SSH_KEYS,
+        description="OpenSSH public keys, delivered in the cidata disk's meta-data (public-keys).")
 
 
 class CurrentTask(StatusModel):
@@ -153,6 +191,13 @@ class ResizeOrigin(StatusModel):
     powerState: PowerState | None = None
 
 
+class InterfaceStatus(StatusModel):
+    name: str
+    mac: str = Field(description="Stable: derived from the instance uid and the interface's index.")
+    ipAddresses: list[str] = Field(default_factory=list, max_length=16,
+                                   description="From the network's DHCP leases (and the guest agent).")
+
+
 class VirtualInstanceStatus(StatusModel):
     vmState: VmState | None = None
     taskState: TaskState | None = None
@@ -173,6 +218,7 @@ class VirtualInstanceStatus(StatusModel):
     lastAction: ActionRecord | None = None
     history: list[ActionRecord] = Field(default_factory=list, max_length=50)
     conditions: list[Condition] = Field(default_factory=list, max_length=16)
+    interfaces: list[InterfaceStatus] | None = Field(default=None, max_length=MAX_INTERFACES)
 
 
 class ObjectMeta(BaseModel):

@@ -62,10 +62,18 @@ class HeartbeatWatch:
         self.coordination = client.CoordinationV1Api(api)
         self.store = InstanceStore(api)
         self.lease_namespace, self.interval_s = lease_namespace, interval_s
+        self.latest: dict[str, LeaseView] = {}  # as of the last check (the webhook reads the networks)
 
     async def leases(self) -> dict[str, LeaseView]:
         result = await self.coordination.list_namespaced_lease(self.lease_namespace, label_selector=NODE_LABEL)
-        return {lease.metadata.labels[NODE_LABEL]: view(lease) for lease in result.items}
+        self.latest = {lease.metadata.labels[NODE_LABEL]: view(lease) for lease in result.items}
+        return self.latest
+
+    def networks(self) -> dict[str, frozenset[str]]:
+        """The networks each live agent says its node provides (at the last check)."""
+        now = datetime.now(UTC)
+        return {node: lease.networks for node, lease in self.latest.items()
+                if lease.networks is not None and not lease.expired(now)}
 
     async def check_once(self) -> int:
         now = datetime.now(UTC)

@@ -74,6 +74,7 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
     register_login(registry)
     background: list[asyncio.Task] = []
     metrics = ControllerMetrics()
+    watches: list[HeartbeatWatch] = []  # the one started at startup; the webhook reads its networks
 
     @kopf.on.startup(registry=registry)
     async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -95,6 +96,7 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
             metrics.serve(args.metrics_port, args.metrics_address)
             log.info("metrics on http://%s:%d/metrics", args.metrics_address, args.metrics_port)
         watch = HeartbeatWatch(api, args.lease_namespace, metrics=metrics)
+        watches.append(watch)
         background.append(asyncio.get_running_loop().create_task(watch.run()))
 
     @kopf.on.cleanup(registry=registry)
@@ -112,7 +114,7 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
                 await api.close()
 
     def validate(body: kopf.Body, old: Any, **_: Any) -> None:
-        why = review(_parse(body), _parse(old))
+        why = review(_parse(body), _parse(old), watches[0].networks() if watches else {})
         metrics.admission_reviews.labels("denied" if why else "allowed").inc()
         if why:
             raise kopf.AdmissionError(why, code=422)

@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -28,11 +28,15 @@ def lease_name(node: str) -> str:
     return f"novalet-agent-{node}"
 
 
+NETWORKS_ANNOTATION = "novalet.io/networks"  # the networks the node's agent provides, comma-separated
+
+
 @dataclass(frozen=True)
 class LeaseView:
     holder: str | None
     renewed: datetime | None
     duration_s: int
+    networks: frozenset[str] | None = None  # None: an agent that does not say (an older version)
 
     def expired(self, now: datetime) -> bool:
         return self.renewed is None or now > self.renewed + timedelta(seconds=self.duration_s)
@@ -60,13 +64,17 @@ def view(lease: client.V1Lease | None) -> LeaseView:
     if lease is None or lease.spec is None:
         return LeaseView(None, None, 0)
     spec = lease.spec
-    return LeaseView(spec.holder_identity, spec.renew_time, spec.lease_duration_seconds or 0)
+    said = ((lease.metadata and lease.metadata.annotations) or {}).get(NETWORKS_ANNOTATION)
+    networks = frozenset(n for n in said.split(",") if n) if said is not None else None
+    return LeaseView(spec.holder_identity, spec.renew_time, spec.lease_duration_seconds or 0, networks)
 
 
 class NodeLease:
     def __init__(self, api: client.ApiClient, namespace: str, node: str, identity: str,
-                 timing: LeaseTiming = DEFAULT_TIMING, clock: Callable[[], float] = time.monotonic):
+                 timing: LeaseTiming = DEFAULT_TIMING, clock: Callable[[], float] = time.monotonic,
+                 networks: Iterable[str] = ()):
         self.coordination = client.CoordinationV1Api(api)
+        self.networks = ",".join(sorted(networks))  # published with each renewal, for the webhook
         self.namespace, self.node, self.identity, self.timing = namespace, node, identity, timing
         self.clock = clock
         self._observed: tuple[object, ...] | None = None  # the other holder's record, as last seen
@@ -106,11 +114,13 @@ class NodeLease:
         try:
             if lease is None:
                 body = client.V1Lease(metadata=client.V1ObjectMeta(
-                    name=lease_name(self.node), namespace=self.namespace,
-                    labels={"novalet.io/node": self.node}), spec=spec)
+                    name=lease_name(self.node), namespace=self.namespace, labels={"novalet.io/node": self.node},
+                    annotations={NETWORKS_ANNOTATION: self.networks}), spec=spec)
                 await self.coordination.create_namespaced_lease(self.namespace, body)
             else:
                 lease.spec = spec  # replace carries metadata.resourceVersion: 409 if someone won
+                lease.metadata.annotations = {**(lease.metadata.annotations or {}),
+                                              NETWORKS_ANNOTATION: self.networks}
                 await self.coordination.replace_namespaced_lease(lease_name(self.node), self.namespace, lease)
         except ApiException as error:
             if error.status in (409, 422):

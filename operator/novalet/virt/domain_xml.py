@@ -84,6 +84,26 @@ class Disk:
 
 
 @dataclass(frozen=True)
+class NetworkInterface:
+    """A NIC: on a libvirt network (`kind` network) or an existing host bridge (`kind` bridge)."""
+
+    name: str
+    mac: str
+    kind: str  # "network" | "bridge"
+    source: str  # the libvirt network's or the bridge's name
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}", self.mac):
+            raise ValueError(f"invalid MAC address {self.mac!r}")
+        if self.kind not in ("network", "bridge"):
+            raise ValueError(f"interface kind must be network or bridge, got {self.kind!r}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", self.source):
+            raise ValueError(f"invalid {self.kind} name {self.source!r}")
+        if not re.fullmatch(r"[a-z][a-z0-9-]{0,14}", self.name):
+            raise ValueError(f"invalid interface name {self.name!r}")
+
+
+@dataclass(frozen=True)
 class InstanceMetadata:
     namespace: str
     name: str
@@ -93,8 +113,11 @@ class InstanceMetadata:
     image: str = ""  # "" = diskless
     flavor: Flavor | None = None
     old_flavor: Flavor | None = None  # recorded by an unconfirmed resize, for revert
+    interfaces: tuple[NetworkInterface, ...] = ()  # fixed at creation: every redefinition keeps them
 
     def __post_init__(self) -> None:
+        if isinstance(self.interfaces, list):
+            object.__setattr__(self, "interfaces", tuple(self.interfaces))
         for f in ("namespace", "name", "uid", "node", "image"):
             _check_text(f, getattr(self, f))
         if self.config not in CONFIGS:
@@ -111,6 +134,8 @@ class DomainConfig:
     serial_log: str | None = None
     disks: tuple[Disk, ...] = ()
     kernel: KernelBoot | None = None
+    interfaces: tuple[NetworkInterface, ...] = ()
+    cidata: str | None = None  # the cloud-init NoCloud disk (raw ISO), attached read-only
     guest_agent: bool = True
     metadata: InstanceMetadata | None = None
     machine: str | None = None
@@ -130,7 +155,11 @@ class DomainConfig:
             raise ValueError(f"duplicate disk targets {targets}")
         if self.serial_log is not None and not self.serial_log.startswith("/"):
             raise ValueError(f"serial_log must be absolute, got {self.serial_log!r}")
-        for v in (self.serial_log, self.machine, *(d.path for d in self.disks)):
+        if isinstance(self.interfaces, list):
+            object.__setattr__(self, "interfaces", tuple(self.interfaces))
+        if self.cidata is not None and not self.cidata.startswith("/"):
+            raise ValueError(f"cidata must be absolute, got {self.cidata!r}")
+        for v in (self.serial_log, self.machine, self.cidata, *(d.path for d in self.disks)):
             if v is not None:
                 _check_text("path", v)
         if self.kernel is not None:
@@ -147,6 +176,9 @@ def metadata_element(meta: InstanceMetadata) -> ET.Element:
     for tag, fl in (("flavor", meta.flavor), ("oldFlavor", meta.old_flavor)):
         if fl is not None:
             ET.SubElement(root, _q(tag), {"vcpus": str(fl.vcpus), "memoryMiB": str(fl.memory_mib)})
+    for nic in meta.interfaces:
+        ET.SubElement(root, _q("interface"), {"name": nic.name, "mac": nic.mac, "kind": nic.kind,
+                                              "source": nic.source})
     return root
 
 
@@ -200,13 +232,24 @@ def build_domain_xml(cfg: DomainConfig) -> str:
         ET.SubElement(d, "driver", {"name": "qemu", "type": disk.format})
         ET.SubElement(d, "source", {"file": disk.path})
         ET.SubElement(d, "target", {"dev": disk.target, "bus": "virtio"})
+    if cfg.cidata is not None:
+        d = ET.SubElement(devices, "disk", {"type": "file", "device": "disk"})
+        ET.SubElement(d, "driver", {"name": "qemu", "type": "raw"})
+        ET.SubElement(d, "source", {"file": cfg.cidata})
+        ET.SubElement(d, "target", {"dev": "vdz", "bus": "virtio"})
+        ET.SubElement(d, "readonly")
+    for nic in cfg.interfaces:
+        i = ET.SubElement(devices, "interface", {"type": nic.kind})
+        ET.SubElement(i, "mac", {"address": nic.mac})
+        ET.SubElement(i, "source", {nic.kind: nic.source})
+        ET.SubElement(i, "model", {"type": "virtio"})
+        ET.SubElement(i, "rom", {"enabled": "no"})  # guests boot from their disk or kernel, never by PXE
+    # a pty: libvirt's console stream (`novalet console`, `virsh console`) talks to it; its output
+    # is also logged to the file
+    s = ET.SubElement(devices, "serial", {"type": "pty"})
     if cfg.serial_log is not None:
-        s = ET.SubElement(devices, "serial", {"type": "file"})
-        ET.SubElement(s, "source", {"path": cfg.serial_log, "append": "on"})
-        ET.SubElement(s, "target", {"port": "0"})
-    else:
-        s = ET.SubElement(devices, "serial", {"type": "pty"})
-        ET.SubElement(s, "target", {"port": "0"})
+        ET.SubElement(s, "log", {"file": cfg.serial_log, "append": "on"})
+    ET.SubElement(s, "target", {"port": "0"})
     if cfg.guest_agent:
         ch = ET.SubElement(devices, "channel", {"type": "unix"})
         ET.SubElement(ch, "target", {"type": "virtio", "name": GUEST_AGENT_CHANNEL})
@@ -245,10 +288,13 @@ def read_metadata(xml: str) -> InstanceMetadata | None:
     if not text("uid"):
         return None
     try:
+        interfaces = tuple(NetworkInterface(el.get("name", ""), el.get("mac", ""), el.get("kind", ""),
+                                            el.get("source", "")) for el in inst.findall(q("interface")))
         return InstanceMetadata(
             namespace=text("namespace"), name=text("name"), uid=text("uid"), node=text("node"),
             config=text("config") or "normal", image=text("image"),
             flavor=_flavor_from(inst.find(q("flavor"))), old_flavor=_flavor_from(inst.find(q("oldFlavor"))),
+            interfaces=interfaces,
         )
     except ValueError:
         return None
@@ -263,6 +309,7 @@ def instance_domain_config(
     kernel: KernelBoot | None,
     rescue_disk: Disk | None = None,
     guest_agent: bool = True,
+    cidata: str | None = None,
 ) -> DomainConfig:
     """The domain config of an instance in its normal or rescue config (``meta.config``).
 
@@ -290,4 +337,5 @@ def instance_domain_config(
         name=domain_name(meta.uid), uuid=meta.uid, domain_type=domain_type,
         vcpus=meta.flavor.vcpus, memory_mib=meta.flavor.memory_mib, serial_log=serial_log,
         disks=disks, kernel=kernel, guest_agent=guest_agent, metadata=meta,
+        interfaces=meta.interfaces, cidata=cidata,
     )

@@ -37,6 +37,7 @@ from typing import Self
 
 import libvirt
 
+from .cidata import CloudInit, write_iso
 from .domain_xml import (
     DOMAIN_PREFIX,
     NS,
@@ -44,6 +45,7 @@ from .domain_xml import (
     Flavor,
     InstanceMetadata,
     KernelBoot,
+    NetworkInterface,
     build_domain_xml,
     instance_domain_config,
     metadata_xml,
@@ -109,6 +111,8 @@ class InstanceSpec:
     memory_mib: int
     image: str = ""  # "" = diskless
     node: str = ""
+    interfaces: tuple[NetworkInterface, ...] = ()  # recorded at the first define, kept after
+    cidata: CloudInit | None = None  # written at the first define and at each rebuild (with an image)
 
 
 @dataclass(frozen=True)
@@ -497,9 +501,11 @@ class Hypervisor:
             disk = Disk(str(self.images.disk_path(uid)))
             if meta.config == "rescue":
                 rescue = Disk(str(self.images.rescue_disk_path(uid)))
+        cidata = self.images.cidata_path(uid)
         cfg = instance_domain_config(
             meta, domain_type=self.domain_type, serial_log=str(self.images.serial_log_path(uid)),
             disk=disk, kernel=self._boot_files(uid), rescue_disk=rescue,
+            cidata=str(cidata) if meta.image and cidata.exists() else None,
         )
         return build_domain_xml(cfg)
 
@@ -581,7 +587,8 @@ class Hypervisor:
             meta = self._meta(dom, libvirt.VIR_DOMAIN_AFFECT_CONFIG) if dom is not None else None
             if meta is None:
                 meta = InstanceMetadata(namespace=spec.namespace, name=spec.name, uid=uid, node=spec.node,
-                                        config="normal", image=spec.image, flavor=flavor)
+                                        config="normal", image=spec.image, flavor=flavor,
+                                        interfaces=spec.interfaces)
             self._guard()  # disks are changed without libvirt: the fence is checked here too
             try:
                 self.images.ensure_instance_dir(uid)
@@ -591,6 +598,8 @@ class Hypervisor:
                         self._install_boot_files(uid, meta.image)
                     if meta.config == "rescue" and not self.images.rescue_disk_path(uid).exists():
                         self.images.create_rescue_disk(uid, meta.image)
+                    if dom is None:
+                        self._write_cidata(uid, spec.cidata)
             except ImageError as e:
                 raise HypervisorError(f"define {uid}: {e}") from None
             if dom is None:
@@ -841,8 +850,19 @@ class Hypervisor:
 
         self._call(f"resize {uid}", fn2)
 
-    def rebuild(self, uid: str, image: str, *, power_on: bool = True) -> None:
-        """Destroy, recreate the disk from ``image`` ("" = diskless), redefine, start."""
+    def _write_cidata(self, uid: str, data: CloudInit | None) -> None:
+        path = self.images.cidata_path(uid)
+        if data is None:
+            path.unlink(missing_ok=True)
+            return
+        try:
+            write_iso(path, data)
+        except (OSError, ValueError) as e:  # pycdlib raises its own ValueError subclasses
+            raise ImageError(f"cannot write the cidata disk: {e}") from None
+
+    def rebuild(self, uid: str, image: str, *, power_on: bool = True, cidata: CloudInit | None = None) -> None:
+        """Destroy, recreate the disk from ``image`` ("" = diskless) and the cidata disk from the
+        spec as it is now, redefine, start."""
 
         def fn(conn):
             dom = self._require(conn, uid, "rebuild")
@@ -858,6 +878,7 @@ class Hypervisor:
                 else:
                     self.images.disk_path(uid).unlink(missing_ok=True)
                 self._install_boot_files(uid, image)
+                self._write_cidata(uid, cidata if image else None)
             except ImageError as e:
                 raise HypervisorError(f"rebuild {uid}: {e}") from None
             dom = self._define_meta(conn, replace(meta, image=image, config="normal"))
@@ -916,6 +937,48 @@ class Hypervisor:
             self._call(f"abort snapshot {uid}", fn)
             mark.unlink(missing_ok=True)
         return removed
+
+    def interfaces(self, uid: str) -> tuple[tuple[NetworkInterface, ...], dict[str, list[str]]]:
+        """The domain's NICs (as recorded at its creation) and, while it runs, its addresses by
+        MAC: its networks' DHCP leases, then the guest agent's word for the NICs no lease covers
+        (a bridge's)."""
+
+        def fn(conn):
+            dom = self._find(conn, uid)
+            meta = self._meta(dom, libvirt.VIR_DOMAIN_AFFECT_CONFIG) if dom is not None else None
+            if meta is None or not meta.interfaces:
+                return (), {}
+            found: dict[str, set[str]] = {}
+            for source in (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+                           libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT):
+                if dom.ID() == -1 or all(nic.mac in found for nic in meta.interfaces):
+                    break
+                try:
+                    reported = dom.interfaceAddresses(source, 0)
+                except libvirt.libvirtError:
+                    continue  # no guest agent answering, or a driver without leases
+                for info in reported.values():
+                    mac = (info.get("hwaddr") or "").lower()
+                    for addr in info.get("addrs") or []:
+                        ip = addr.get("addr") or ""
+                        if mac and ip and not ip.startswith(("127.", "fe80:")) and ip != "::1":
+                            found.setdefault(mac, set()).add(ip)
+            return meta.interfaces, {mac: sorted(ips) for mac, ips in found.items()}
+
+        return self._call(f"interfaces {uid}", fn)
+
+    def network_active(self, name: str) -> bool:
+        """Is the libvirt network `name` defined and running?"""
+
+        def fn(conn):
+            try:
+                return bool(conn.networkLookupByName(name).isActive())
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:
+                    return False
+                raise
+
+        return self._call(f"network {name}", fn)
 
     def set_password(self, uid: str, user: str, password: str) -> None:
         """Set a guest user's password through the QEMU guest agent."""

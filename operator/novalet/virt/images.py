@@ -143,6 +143,9 @@ class ImagePool:
     def serial_log_path(self, uid: str) -> Path:
         return self.instance_dir(uid) / "serial.log"
 
+    def cidata_path(self, uid: str) -> Path:
+        return self.instance_dir(uid) / "cidata.iso"
+
     def ensure_instance_dir(self, uid: str) -> Path:
         d = self.instance_dir(uid)
         d.mkdir(parents=True, exist_ok=True)
