@@ -95,3 +95,29 @@ async def test_static_rules_refused_by_the_schema_without_a_webhook(instances):
     assert "Reboot needs type: Soft or Hard" in body
     body = await refused(instances.create("bad", {"flavor": {"vcpus": 0, "memoryMiB": 128}}))
     assert "spec.flavor.vcpus" in body
+
+
+async def test_a_network_no_live_agent_provides_is_refused_at_admission(webhook, instances, agents, kube_api):
+    """Each agent publishes its networks on its Lease; the webhook refuses the others by name."""
+    node = unique_node()
+    agents.start(node, extra_args=["--network", "default=network:default", "--network", "ext=bridge:br-nv-ext"])
+    custom = client.CustomObjectsApi(kube_api)
+    body = {"apiVersion": "novalet.io/v1alpha1", "kind": "VirtualInstance", "metadata": {"name": "vm"},
+            "spec": {"flavor": FLAVOR, "image": "", "nodeName": node,
+                     "interfaces": [{"name": "default", "network": "default"}, {"name": "st", "network": "storage"}]}}
+
+    async def dry_run():  # server-side dry run: admission runs, nothing is stored
+        return await custom.create_namespaced_custom_object("novalet.io", "v1alpha1", instances.namespace,
+                                                            "virtualinstances", body, dry_run="All")
+    message = None
+    for _ in range(80):  # until the controller's heartbeat has seen the agent's Lease (every 5 s)
+        try:
+            await dry_run()
+        except ApiException as error:
+            message = json.loads(error.body)["message"]
+            break
+        await asyncio.sleep(0.25)
+    assert message and (f"spec.interfaces: st asks for network storage, which node {node} does not provide "
+                        "(networks: default, ext)") in message, message
+    body["spec"]["interfaces"][1]["network"] = "ext"
+    await dry_run()  # a network the node provides is admitted

@@ -328,3 +328,26 @@ async def until_unstamped(instances: Instances) -> None:
             return
         await asyncio.sleep(0.25)
     pytest.fail("the requester is still stamped after its policy binding was deleted")
+
+
+async def test_user_data_comes_only_from_a_secret_its_author_may_read(crds, instances, users, kube_api, control_plane,
+                                                                    namespace):
+    """The policy checks the author of spec.userDataSecretRef with every group they have; the agent
+    reads the Secret only while that policy is in force (tests/e2e/test_guest_network.py)."""
+    await no_webhook(kube_api)
+    await instances.create("vm", {"flavor": FLAVOR, "image": ""})
+    alice = await users("alice")
+    for name in ("mine", "other"):
+        await client.CoreV1Api(kube_api).create_namespaced_secret(namespace, client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name), data={"userdata": base64.b64encode(b"#!/bin/sh\n").decode()}))
+    control_plane.kubectl("-n", namespace, "create", "role", "read-mine", "--verb=get", "--resource=secrets",
+                          "--resource-name=mine")
+    control_plane.kubectl("-n", namespace, "create", "rolebinding", "alice-read-mine", "--role=read-mine",
+                          f"--serviceaccount={namespace}:alice")
+    await until_allowed(control_plane, alice.name, "get", "secret", namespace, "mine")
+
+    message = await refused(alice.instances.patch_spec("vm", {"userDataSecretRef": {"name": "other"}}))
+    assert (f"{alice.name} may not get Secret other in namespace {namespace}: spec.userDataSecretRef only names "
+            "a Secret its author may read") in message
+    await alice.instances.patch_spec("vm", {"userDataSecretRef": {"name": "mine"}})
+    assert (await instances.get("vm"))["spec"]["userDataSecretRef"] == {"name": "mine"}

@@ -184,6 +184,25 @@ def test_helm_template_renders(helm):
     assert old.returncode != 0 and "kubeVersion" in old.stderr
 
 
+def test_helm_template_passes_the_nodes_networks_to_the_agent(helm, tmp_path):
+    values = tmp_path / "networks.yaml"
+    values.write_text(yaml.safe_dump({"agent": {"networks": [{"name": "default", "network": "default"},
+                                                             {"name": "ext", "bridge": "br-ext"}]}}))
+    args = _one(_docs(helm("template", "rel", str(CHART), "-f", str(values)).stdout),
+                "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--network")] == ["--network=default=network:default",
+                                                              "--network=ext=bridge:br-ext"]
+    from novalet.cli import build_parser  # what the agent makes of them
+    parsed = build_parser().parse_args(["run", "--node-name", "n", *[a for a in args if a.startswith("--network")]])
+    assert dict(parsed.network) == {"default": ("network", "default"), "ext": ("bridge", "br-ext")}
+    # none given: no flag, the agent's default (default=network:default)
+    plain = _one(_docs(helm("template", "rel", str(CHART)).stdout), "DaemonSet")
+    assert not [a for a in plain["spec"]["template"]["spec"]["containers"][0]["args"] if a.startswith("--network")]
+    values.write_text(yaml.safe_dump({"agent": {"networks": [{"name": "x", "network": "a", "bridge": "b"}]}}))
+    both = helm("template", "rel", str(CHART), "-f", str(values), check=False)
+    assert both.returncode != 0 and "x names both a network and a bridge" in both.stderr
+
+
 def test_helm_template_rbac_is_least_privilege(helm):
     docs = _docs(helm("template", "rel", str(CHART), "-n", "nv").stdout)
     agent = _rules(_one(docs, "ClusterRole", "-agent"))

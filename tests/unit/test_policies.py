@@ -64,12 +64,12 @@ def test_the_requester_policy_stamps_who_asks():
 
 def test_every_refusal_says_what_to_do():
     validations = by_kind()["ValidatingAdmissionPolicy"]["spec"]["validations"]
-    assert len(validations) == 7
+    assert len(validations) == 8
     for v in validations:
         assert v["messageExpression"] and v["reason"] == "Forbidden"
     text = " ".join(v["messageExpression"] for v in validations)
     for hint in ("leave requestedBy out", "virtualinstances/admin", "may not get Secret", "may unlock it",
-                 "to unlock it", "cannot be set or changed by hand"):
+                 "to unlock it", "cannot be set or changed by hand", "only names a Secret its author may read"):
         assert hint in text, hint
 
 

@@ -8,7 +8,8 @@ They hold with no webhook at all (the apiserver evaluates them itself, CEL, GA s
   and the annotation `novalet.io/requested-by` on every request that changes the spec.
 - ValidatingAdmissionPolicy `novalet-requests` refuses a forged requester, ResetState unless RBAC
   allows the requester `update` on `virtualinstances/admin` (what "administrator" means), a
-  SetPassword naming a Secret the requester may not `get`, and, on a locked instance, every spec
+  SetPassword or a `spec.userDataSecretRef` naming a Secret the requester may not `get`, and, on a
+  locked instance, every spec
   change and delete by anyone but its locker and administrators (Nova's lock).
 
 The agent trusts `requestedBy` only while `novalet-requests` is in force (kube/access.py).
@@ -142,6 +143,12 @@ def requests_policy() -> list[dict[str, Any]]:
             " name a Secret you can read (kubectl auth can-i get secret/' + object.spec.action.secretRef.name"
             " + ')'"),
         _validation(
+            "!variables.userDataSecretChanged || authorizer.group('').resource('secrets')"
+            ".namespace(request.namespace).name(object.spec.userDataSecretRef.name).check('get').allowed()",
+            "request.userInfo.username + ' may not get Secret ' + object.spec.userDataSecretRef.name"
+            " + ' in namespace ' + request.namespace + ': spec.userDataSecretRef only names a Secret its author"
+            " may read (kubectl auth can-i get secret/' + object.spec.userDataSecretRef.name + ')'"),
+        _validation(
             "!variables.locked || variables.actionName != 'Unlock' || variables.isLocker || variables.admin",
             "variables.lockText + ': only ' + variables.locker + ' or an administrator may unlock it'"),
         _validation(
@@ -162,6 +169,10 @@ def requests_policy() -> list[dict[str, Any]]:
                 _var("specChanged", SPEC_CHANGED),
                 _var("actionChanged", ACTION_CHANGED),
                 _var("actionName", "variables.actionChanged ? object.spec.action.name : ''"),
+                _var("userDataSecretChanged", (
+                    "request.operation != 'DELETE' && has(object.spec.userDataSecretRef)"
+                    " && (request.operation == 'CREATE' || !has(oldObject.spec.userDataSecretRef)"
+                    " || object.spec.userDataSecretRef != oldObject.spec.userDataSecretRef)")),
                 _var("annotation", "request.operation == 'DELETE' ? '' : " + _annotation("object")),
                 _var("oldAnnotation", "request.operation == 'CREATE' ? '' : " + _annotation("oldObject")),
                 _var("admin", ADMIN_CHECK),
