@@ -17,8 +17,28 @@ under TCG than letting the guest decompress a bzImage), plus an initramfs made o
 * ``virtio_blk`` (+ its virtio dependencies): lets the guest report the disks it sees, so tests
   can check that a rescue boot has the instance disk attached as second disk.
 
-``/init`` prints ``NOVALET-GUEST-READY rescue=<0|1> disks=<vda vdb ...>`` on the serial
-console (``console=ttyS0``) once acpid listens (presses before that are lost).
+``/init`` prints ``NOVALET-GUEST-READY rescue=<0|1> disks=<vda,vdb,...>`` on the serial
+console (``console=ttyS0``) once acpid listens (presses before that are lost). Before it, and so
+ready when the marker shows:
+
+* cloud-init NoCloud: the first disk whose ISO 9660 (or FAT) volume label is ``cidata`` (any case;
+  read from each disk's superblock with ``dd``: Debian's busybox ``findfs`` does not find an ISO
+  9660 label) is mounted read-only (``isofs`` + ``cdrom``, or ``vfat`` + ``fat`` + two NLS tables, loaded only then), its
+  ``user-data`` and ``meta-data`` copied byte for byte, and ``NOVALET-GUEST-CIDATA
+  user-data=<sha256|none>`` printed (``none`` also without such a disk).
+* busybox ``httpd`` on port 80 (all addresses, ``lo`` is up): ``/`` answers the DMI product uuid in
+  lower case (libvirt gives QEMU the domain uuid, which novalet sets to the instance's
+  ``metadata.uid``; no trailing newline), ``/user-data`` and ``/meta-data`` the cidata files, 404
+  when there are none.
+
+After it, in the background: when the guest has a virtio-net device, ``virtio_net`` (+
+``failover``, ``net_failover``) is loaded, every ``ethN`` brought up and busybox ``udhcpc`` run on
+it (its log in ``/var/log/udhcpc.<iface>.log``); its script sets the address, a default route and
+``/etc/resolv.conf`` and prints ``NOVALET-GUEST-NET <iface> <ip>`` on the console for each new
+lease. In the foreground, a root shell on the serial console (``setsid cttyhack sh``, respawned
+when it exits): ``virsh console`` or libvirt's console stream can run commands (with a
+``<serial type='pty'>`` and a ``<log file=... append='on'/>`` child, the serial log still gets
+everything).
 
 Everything is cached outside the repo in ``~/.cache/novalet/guest/<kernel-version>/`` (override the
 root with ``NOVALET_CACHE``, as for the rest of devenv; pin the package with
@@ -31,6 +51,7 @@ Needs on the host: ``apt-get`` (download only, no install), ``dpkg-deb``, ``qemu
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import logging
 import lzma
@@ -51,25 +72,77 @@ from . import processes
 log = logging.getLogger(__name__)
 
 MARKER = "NOVALET-GUEST-READY"
+CIDATA_MARKER = "NOVALET-GUEST-CIDATA"  # NOVALET-GUEST-CIDATA user-data=<sha256|none>
+NET_MARKER = "NOVALET-GUEST-NET"  # NOVALET-GUEST-NET <iface> <ip>, once per new lease
 GUEST_MEMORY_MIB = 128  # 96 MiB is the measured minimum under TCG
-BUILD_FORMAT = "4"  # bump when the initramfs layout changes: invalidates caches
-MODULES = ("evdev", "button", "virtio_blk", "virtio_pci")
+BUILD_FORMAT = "5"  # the cache key also hashes the init, the scripts and the module lists (build_id)
+MODULES = ("evdev", "button", "virtio_blk", "virtio_pci")  # loaded at every boot
+# loaded by /init only when needed (dependencies already loaded at boot are not repeated)
+ON_DEMAND_MODULES = {
+    "net": ("virtio_net",),  # + failover, net_failover
+    "iso9660": ("isofs",),  # + cdrom
+    "vfat": ("vfat", "nls_cp437", "nls_ascii"),  # + fat; FAT's default codepage and iocharset
+}
 DEFAULT_CMDLINE = "console=ttyS0 quiet loglevel=3 novalet.guest=tiny"
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
-for m in $(cat /etc/novalet-modules); do
-  insmod "/lib/modules/$m.ko" || echo "novalet-guest: insmod $m failed"
-done
-mkdir -p /var/log /var/run
+load() {  # a module group: /etc/novalet-modules.<group>, in load order
+  for m in $(cat "/etc/novalet-modules.$1"); do
+    [ -d "/sys/module/$m" ] || insmod "/lib/modules/$m.ko" || echo "novalet-guest: insmod $m failed"
+  done
+}
+peek() { dd if="$1" bs=1 skip="$2" count="$3" 2>/dev/null; }
+cidata() {  # the first disk labelled cidata: mount it, copy user-data and meta-data to /www
+  for b in /sys/block/*; do
+    dev=/dev/${b##*/}
+    case "${b##*/}" in loop*|ram*|\*) continue ;; esac
+    if [ "$(peek "$dev" 32769 5)" = CD001 ]; then fs=iso9660 label=$(peek "$dev" 32808 32)
+    elif [ "$(peek "$dev" 82 5)" = FAT32 ]; then fs=vfat label=$(peek "$dev" 71 11)
+    else
+      case "$(peek "$dev" 54 5)" in FAT1[26]) fs=vfat label=$(peek "$dev" 43 11) ;; *) continue ;; esac
+    fi
+    [ "$(echo $label | tr A-Z a-z)" = cidata ] || continue
+    load "$fs"
+    mount -t "$fs" -o ro "$dev" /mnt/cidata || { echo "novalet-guest: cannot mount $dev ($fs)"; continue; }
+    for f in user-data meta-data; do
+      [ -f "/mnt/cidata/$f" ] && cp "/mnt/cidata/$f" "/www/$f"
+    done
+    umount /mnt/cidata
+    break
+  done
+  sum=none
+  [ -f /www/user-data ] && sum=$(sha256sum /www/user-data) && sum=${sum%% *}
+  echo "NOVALET-GUEST-CIDATA user-data=$sum"
+}
+net() {  # virtio-net: every ethN up, udhcpc on each (its script prints NOVALET-GUEST-NET)
+  grep -qx 0x0001 /sys/bus/virtio/devices/*/device 2>/dev/null || return 0
+  load net
+  for n in /sys/class/net/eth*; do
+    [ -e "$n" ] || continue
+    i=${n##*/}
+    ip link set "$i" up
+    (  # until the kernel's link watch marks it up, the NIC drops what is sent: the first DISCOVER
+      k=0
+      while [ "$(cat "$n/operstate")" != up ] && [ $k -lt 30 ]; do sleep 0.1; k=$((k+1)); done
+      exec udhcpc -f -i "$i" -s /etc/udhcpc.script -T 2 -A 5 >"/var/log/udhcpc.$i.log" 2>&1
+    ) &
+  done
+}
+load boot
+mkdir -p /var/log /var/run /www /mnt/cidata /root
 acpid -d -c /etc/acpi -p /var/run/acpid.pid &
 acpid_pid=$!
+ip link set lo up
+tr A-F a-f </sys/class/dmi/id/product_uuid | tr -d '\n' >/www/index.html
+cidata
+httpd -p 80 -h /www
 i=0
 while [ $i -lt 50 ]; do
   ls -l /proc/$acpid_pid/fd 2>/dev/null | grep -q /dev/input/event && break
@@ -84,10 +157,40 @@ for d in /sys/block/*; do
   case "$n" in loop*|ram*|\*) ;; *) disks="$disks${disks:+,}$n" ;; esac
 done
 echo "NOVALET-GUEST-READY rescue=$rescue disks=$disks"
-while :; do sleep 3600; done
+net &
+cd /root
+while :; do
+  setsid cttyhack sh
+  sleep 1
+done
 """
 
 POWER_BUTTON_HANDLER = "#!/bin/sh\necho novalet-guest: power button, powering off\npoweroff -f\n"
+
+# busybox udhcpc runs it with deconfig | bound | renew | leasefail | nak; the lease in the environment
+UDHCPC_SCRIPT = r"""#!/bin/sh
+state=/var/run/udhcpc.$interface.ip
+case "$1" in
+deconfig)
+  ip -4 addr flush dev "$interface"
+  ip link set "$interface" up
+  rm -f "$state"
+  ;;
+bound|renew)
+  [ "$(cat "$state" 2>/dev/null)" = "$ip" ] && exit 0
+  ip -4 addr flush dev "$interface"
+  ip addr add "$ip/${mask:-24}" ${broadcast:+broadcast "$broadcast"} dev "$interface"
+  for r in $router; do
+    ip route add default via "$r" dev "$interface" 2>/dev/null
+    break
+  done
+  [ -n "$dns" ] && for s in $dns; do echo "nameserver $s"; done >/etc/resolv.conf
+  echo "$ip" >"$state"
+  echo "NOVALET-GUEST-NET $interface $ip" >/dev/console
+  ;;
+esac
+exit 0
+"""
 
 
 class GuestBuildError(RuntimeError):
@@ -207,14 +310,17 @@ def _read_module(path: Path) -> bytes:
     return data
 
 
-def collect_modules(modroot: Path, wanted: tuple[str, ...]) -> list[tuple[str, bytes]]:
-    """Modules with their dependencies (read from .modinfo), in load order."""
+def collect_modules(modroot: Path, wanted: tuple[str, ...], have: set[str] | None = None) -> list[tuple[str, bytes]]:
+    """Modules with their dependencies (read from .modinfo), in load order.
+
+    ``have``: modules already collected (for an earlier group), left out and updated in place.
+    """
     index: dict[str, Path] = {}
     for p in modroot.rglob("*.ko*"):
         base = re.sub(r"\.ko(\.(xz|gz|zst))?$", "", p.name)
         index[base.replace("-", "_")] = p
     ordered: list[tuple[str, bytes]] = []
-    seen: set[str] = set()
+    seen: set[str] = have if have is not None else set()
 
     def visit(name: str, chain: tuple[str, ...]) -> None:
         key = name.replace("-", "_")
@@ -267,7 +373,28 @@ class _Cpio:
         return self.buf.getvalue()
 
 
-def build_initramfs(busybox: bytes, modules: list[tuple[str, bytes]]) -> bytes:
+def collect_module_groups(modroot: Path) -> dict[str, list[tuple[str, bytes]]]:
+    """``boot`` (MODULES) and each ON_DEMAND_MODULES group, each without what an earlier one has."""
+    have: set[str] = set()
+    groups = {"boot": collect_modules(modroot, MODULES, have)}
+    for group, wanted in ON_DEMAND_MODULES.items():
+        groups[group] = collect_modules(modroot, wanted, have)
+    return groups
+
+
+def build_id() -> str:
+    """What the initramfs is made of besides the packages: a change in the init, a script or a
+    module list gives a new id, and so a new build (the cache's ``complete.<id>`` marker)."""
+    h = hashlib.sha256()
+    for part in (BUILD_FORMAT, INIT_SCRIPT, POWER_BUTTON_HANDLER, UDHCPC_SCRIPT, DEFAULT_CMDLINE,
+                 repr(MODULES), repr(sorted(ON_DEMAND_MODULES.items()))):
+        h.update(part.encode() + b"\x00")
+    return f"{BUILD_FORMAT}-{h.hexdigest()[:12]}"
+
+
+def build_initramfs(busybox: bytes, modules: dict[str, list[tuple[str, bytes]]]) -> bytes:
+    """The initramfs: busybox, /init and its scripts, and the module groups of
+    :func:`collect_module_groups` (``/etc/novalet-modules.<group>`` lists each one's load order)."""
     c = _Cpio()
     for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc", "etc/acpi",
               "etc/acpi/PWRF", "lib", "lib/modules"):
@@ -278,9 +405,11 @@ def build_initramfs(busybox: bytes, modules: list[tuple[str, bytes]]) -> bytes:
     c.symlink("bin/sh", "busybox")
     c.file("init", INIT_SCRIPT.encode(), 0o755)
     c.file("etc/acpi/PWRF/00000080", POWER_BUTTON_HANDLER.encode(), 0o755)
-    for name, data in modules:
-        c.file(f"lib/modules/{name}.ko", data)
-    c.file("etc/novalet-modules", "".join(f"{n}\n" for n, _ in modules).encode())
+    c.file("etc/udhcpc.script", UDHCPC_SCRIPT.encode(), 0o755)
+    for group, mods in modules.items():
+        for name, data in mods:
+            c.file(f"lib/modules/{name}.ko", data)
+        c.file(f"etc/novalet-modules.{group}", "".join(f"{n}\n" for n, _ in mods).encode())
     return gzip.compress(c.finish(), compresslevel=6, mtime=0)
 
 
@@ -291,9 +420,10 @@ def build_initramfs(busybox: bytes, modules: list[tuple[str, bytes]]) -> bytes:
 def ensure_guest_artifacts(package: str | None = None) -> GuestArtifacts:
     """Build (once) and return the cached kernel + initramfs of the tiny guest."""
     root = cache_root()
+    complete = f"complete.{build_id()}"
 
     def newest_cached() -> GuestArtifacts | None:
-        cached = sorted((p for p in root.glob("*") if (p / f"complete.{BUILD_FORMAT}").exists()),
+        cached = sorted((p for p in root.glob("*") if (p / complete).exists()),
                         key=lambda p: p.stat().st_mtime)
         return _load(cached[-1]) if cached else None
 
@@ -305,7 +435,7 @@ def ensure_guest_artifacts(package: str | None = None) -> GuestArtifacts:
         raise
     version = package.removeprefix("linux-image-")
     out = root / version
-    if (out / f"complete.{BUILD_FORMAT}").exists():
+    if (out / complete).exists():
         return _load(out)
     try:
         return _build(package, out)
@@ -319,6 +449,8 @@ def ensure_guest_artifacts(package: str | None = None) -> GuestArtifacts:
 def _build(package: str, out: Path) -> GuestArtifacts:
     version = out.name
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("complete.*"):  # another init's files are about to be replaced
+        stale.unlink(missing_ok=True)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="novalet-guest-", dir=out) as tmp:
         work = Path(tmp)
@@ -331,16 +463,16 @@ def _build(package: str, out: Path) -> GuestArtifacts:
         modroots = sorted((work / "k").glob("lib/modules/*")) + sorted((work / "k").glob("usr/lib/modules/*"))
         if not modroots:
             raise GuestBuildError(f"{deb.name} has no lib/modules/<version>")
-        modules = collect_modules(modroots[0], MODULES)
+        modules = collect_module_groups(modroots[0])
         initrd = build_initramfs(_busybox(work).read_bytes(), modules)
         # written in the private temp dir, then renamed: concurrent builders never see half a file
         for fname, data in (("vmlinux", vmlinux), ("initrd.img", initrd),
                             ("cmdline", (DEFAULT_CMDLINE + "\n").encode()),
-                            (f"complete.{BUILD_FORMAT}", f"{package}\n".encode())):
+                            (f"complete.{build_id()}", f"{package}\n".encode())):
             (work / fname).write_bytes(data)
             os.replace(work / fname, out / fname)
     log.info("built tiny guest %s in %.1fs (modules: %s)", version, time.monotonic() - t0,
-             " ".join(n for n, _ in modules))
+             "; ".join(f"{g}: {' '.join(n for n, _ in mods)}" for g, mods in modules.items()))
     return _load(out)
 
 
