@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from ..api.models import ActionRecord, Flavor, VirtualInstance, VirtualInstanceStatus
 from ..core.desire import declarative_action, seen_ids
-from ..core.presentation import readiness
+from ..core.presentation import readiness, stalled
 from ..core.vocabulary import VmState
 
 V = VmState
@@ -28,8 +28,6 @@ VM_OF_POWER = {"Running": V.ACTIVE, "Stopped": V.STOPPED, "Paused": V.PAUSED, "S
 ONE_SHOT = {"reboot": "Reboot", "rebuild": "Rebuild", "snapshot": "Snapshot", "set-password": "SetPassword",
             "confirm-resize": "ConfirmResize", "revert-resize": "RevertResize", "lock": "Lock",
             "unlock": "Unlock", "reset-state": "ResetState"}
-# Ready=False reasons that wait for a person, not for the agent (`wait` ends on them)
-NEEDS_A_PERSON = {"Error", "Backoff", "ResizeNotConfirmed", "DomainMissing"}
 
 Result = Literal["Succeeded", "Failed", "Rejected"]
 
@@ -125,7 +123,7 @@ def outcome(inst: VirtualInstance | None, ticket: Ticket) -> Outcome | None:
         return Outcome("Failed", "the instance is gone")
     if ticket.action_id is not None:
         record = _record(inst.status, ticket.action_id)
-        return Outcome(record.result, record.message) if record else None
+        return Outcome(record.result, record.message or summary(inst.status)) if record else None
     if not _observed(inst, ticket.generation):
         return None
     refusal = _refusal(inst.status, ticket.generation)
@@ -193,12 +191,16 @@ def _unmet(inst: VirtualInstance) -> str:
 
 
 def _readiness(inst: VirtualInstance) -> Outcome | None:
-    """`wait`: over when Ready, or when Ready waits for a person rather than for the agent."""
+    """`wait`: over when Ready, or when only a person can move it on: Stalled (kstatus's
+    Failed), or a resize waiting for its confirmation."""
     ready, reason, message = readiness(inst.status, inst.spec)
     if ready:
         return Outcome("Succeeded", summary(inst.status))
-    if reason in NEEDS_A_PERSON:
-        return Outcome("Failed", f"{reason}: {message}" if message else reason)
+    is_stalled, why, said = stalled(inst.status, inst.spec)
+    if is_stalled:
+        return Outcome("Failed", f"{why}: {said}" if said else why)
+    if reason == "ResizeNotConfirmed":
+        return Outcome("Failed", f"{reason}: {message}")
     return None
 
 
