@@ -1,4 +1,4 @@
-"""The `novalet` command: `run` (the per-node agent), `crd` and `dev ...` (the local stack)."""
+"""The `novalet` command: `run` (the per-node agent), `console`, `crd` and `dev ...` (the local stack)."""
 import argparse
 import sys
 from importlib.metadata import entry_points
@@ -43,6 +43,22 @@ def _controller(args: argparse.Namespace) -> int:
     from .controller.main import run_controller
 
     return run_controller(args)
+
+
+def _console(args: argparse.Namespace) -> int:
+    from .console import run
+
+    return run(args)
+
+
+def _escape(text: str) -> str:
+    from .console import escape_byte
+
+    try:
+        escape_byte(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def _boolean(text: str) -> bool:
@@ -162,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--lease-namespace", default="kube-node-lease")
     ctl.add_argument("--verbose", action="store_true")
     ctl.set_defaults(func=_controller)
+
+    con = sub.add_parser("console", help="the guest's serial console (libvirt's console stream, as virsh "
+                                         "console); run it where the instance's libvirt is reachable")
+    con.add_argument("target", metavar="[NAMESPACE/]NAME",
+                     help="the VirtualInstance (without NAMESPACE/: the kubeconfig context's namespace)")
+    con.add_argument("--libvirt-uri", default=None,
+                     help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)")
+    con.add_argument("--kubeconfig", default=None, help="path to the kubeconfig file (kubectl's rules)")
+    con.add_argument("--context", default=None, help="the kubeconfig context to use")
+    con.add_argument("--escape", type=_escape, default="^]", metavar="^X",
+                     help="the key that ends the session (default: ^], Ctrl-])")
+    con.add_argument("--force", action="store_true",
+                     help="take the console from another session (which ends)")
+    con.set_defaults(func=_console)
 
     crd = sub.add_parser("crd", help="print the CustomResourceDefinition generated from the models")
     crd.add_argument("-o", "--output", default="-")
