@@ -12,8 +12,7 @@ under TCG than letting the guest decompress a bzImage), plus an initramfs made o
   as a "fake reboot": it presses the ACPI power button and, when the guest powers off, resets
   the VM instead of letting QEMU exit (QEMU runs with ``-no-shutdown``). The RESET is reported
   as a ``VIR_DOMAIN_EVENT_ID_REBOOT`` event and the guest boots again and prints the marker a
-  second time. So the same power-button handler serves both; no guest agent is involved (the
-  guest has none: ``set_password`` must fail on it).
+  second time. So the same power-button handler serves both; no guest agent is involved.
 * ``virtio_blk`` (+ its virtio dependencies): lets the guest report the disks it sees, so tests
   can check that a rescue boot has the instance disk attached as second disk.
 
@@ -35,7 +34,18 @@ After it, in the background: when the guest has a virtio-net device, ``virtio_ne
 ``failover``, ``net_failover``) is loaded, every ``ethN`` brought up and busybox ``udhcpc`` run on
 it (its log in ``/var/log/udhcpc.<iface>.log``); its script sets the address, a default route and
 ``/etc/resolv.conf`` and prints ``NOVALET-GUEST-NET <iface> <ip>`` on the console for each new
-lease. In the foreground, a root shell on the serial console (``setsid cttyhack sh``, respawned
+lease. And the QEMU guest agent, when the domain has its channel (novalet's always do): Debian's
+``qemu-ga`` (the host's ``/usr/sbin/qemu-ga`` if ``qemu-guest-agent`` is installed, else the one in
+the package ``apt-get download`` fetches) with the shared libraries ``ldd`` resolves on the host and
+the dynamic loader, ``virtio_console`` loaded only then; with no udev, /init links
+``/dev/virtio-ports/org.qemu.guest_agent.0`` to the port whose ``/sys/class/virtio-ports/*/name``
+says so, runs qemu-ga there (respawned; its log in ``/var/log/qemu-ga.log``) and prints
+``NOVALET-GUEST-AGENT org.qemu.guest_agent.0`` (``none`` without the channel). So libvirt's
+``setUserPassword`` works: qemu-ga runs ``chpasswd``, here a script (Debian's busybox has no such
+applet) that writes a SHA-512 crypt hash (busybox ``mkpasswd``, the password through a pipe) into
+root's entry of ``/etc/shadow`` (root only, ``*`` = locked at first), which ``httpd`` serves at
+``/shadow``; and ``interfaceAddresses(..._SRC_AGENT)`` reports the guest's addresses. In the
+foreground, a root shell on the serial console (``setsid cttyhack sh``, respawned
 when it exits): ``virsh console`` or libvirt's console stream can run commands (with a
 ``<serial type='pty'>`` and a ``<log file=... append='on'/>`` child, the serial log still gets
 everything).
@@ -44,8 +54,9 @@ Everything is cached outside the repo in ``~/.cache/novalet/guest/<kernel-versio
 root with ``NOVALET_CACHE``, as for the rest of devenv; pin the package with
 ``NOVALET_GUEST_KERNEL_PACKAGE``).
 
-Needs on the host: ``apt-get`` (download only, no install), ``dpkg-deb``, ``qemu-img``, and the
-``busybox-static`` package (downloaded with apt-get if /bin/busybox is not static).
+Needs on the host: ``apt-get`` (download only, no install), ``dpkg-deb``, ``qemu-img``, ``ldd``, the
+``busybox-static`` package (downloaded with apt-get if /bin/busybox is not static) and the shared
+libraries qemu-ga needs (glib, libnuma, liburing, libudev: QEMU's own dependencies).
 """
 
 from __future__ import annotations
@@ -74,12 +85,16 @@ log = logging.getLogger(__name__)
 MARKER = "NOVALET-GUEST-READY"
 CIDATA_MARKER = "NOVALET-GUEST-CIDATA"  # NOVALET-GUEST-CIDATA user-data=<sha256|none>
 NET_MARKER = "NOVALET-GUEST-NET"  # NOVALET-GUEST-NET <iface> <ip>, once per new lease
+AGENT_MARKER = "NOVALET-GUEST-AGENT"  # NOVALET-GUEST-AGENT <port>|none, once qemu-ga is started
+AGENT_PORT = "org.qemu.guest_agent.0"  # novalet.virt.domain_xml.GUEST_AGENT_CHANNEL
+AGENT_PACKAGE = "qemu-guest-agent"  # its qemu-ga, with the shared libraries ldd finds on the host
 GUEST_MEMORY_MIB = 128  # 96 MiB is the measured minimum under TCG
-BUILD_FORMAT = "5"  # the cache key also hashes the init, the scripts and the module lists (build_id)
+BUILD_FORMAT = "6"  # the cache key also hashes the init, the scripts and the module lists (build_id)
 MODULES = ("evdev", "button", "virtio_blk", "virtio_pci")  # loaded at every boot
 # loaded by /init only when needed (dependencies already loaded at boot are not repeated)
 ON_DEMAND_MODULES = {
     "net": ("virtio_net",),  # + failover, net_failover
+    "agent": ("virtio_console",),  # the virtio-serial port of the guest agent
     "iso9660": ("isofs",),  # + cdrom
     "vfat": ("vfat", "nls_cp437", "nls_ascii"),  # + fat; FAT's default codepage and iocharset
 }
@@ -135,6 +150,25 @@ net() {  # virtio-net: every ethN up, udhcpc on each (its script prints NOVALET-
     ) &
   done
 }
+agent() {  # qemu-ga on the virtio-serial port org.qemu.guest_agent.0 (no udev: the symlink is made here)
+  port=org.qemu.guest_agent.0
+  grep -qx 0x0003 /sys/bus/virtio/devices/*/device 2>/dev/null || { echo "NOVALET-GUEST-AGENT none"; return 0; }
+  load agent
+  k=0
+  until name=$(grep -lx "$port" /sys/class/virtio-ports/*/name 2>/dev/null) && [ -c "/dev/$(basename "${name%/name}")" ]; do
+    [ $k -lt 100 ] || { echo "novalet-guest: no virtio port $port"; echo "NOVALET-GUEST-AGENT none"; return 0; }
+    sleep 0.1; k=$((k+1))
+  done
+  mkdir -p /dev/virtio-ports
+  ln -sf "../$(basename "${name%/name}")" "/dev/virtio-ports/$port"
+  (
+    while :; do  # respawned, as the console shell is
+      qemu-ga -m virtio-serial -p "/dev/virtio-ports/$port" -l /var/log/qemu-ga.log -f /var/run/qemu-ga.pid -t /var/run
+      sleep 1
+    done
+  ) &
+  echo "NOVALET-GUEST-AGENT $port"
+}
 load boot
 mkdir -p /var/log /var/run /www /mnt/cidata /root
 acpid -d -c /etc/acpi -p /var/run/acpid.pid &
@@ -158,12 +192,40 @@ for d in /sys/block/*; do
 done
 echo "NOVALET-GUEST-READY rescue=$rescue disks=$disks"
 net &
+agent &
 cd /root
 while :; do
   setsid cttyhack sh
   sleep 1
 done
 """
+
+# qemu-ga's guest-set-user-password (libvirt's virDomainSetUserPassword) runs `chpasswd [-e]` with
+# `user:password` lines on its stdin; Debian's busybox has no chpasswd applet, so this is one. The
+# password goes to busybox mkpasswd through a pipe (printf is the shell's builtin): never in argv.
+CHPASSWD_SCRIPT = r"""#!/bin/sh
+umask 077
+rc=0
+while IFS= read -r line || [ -n "$line" ]; do
+  user=${line%%:*} pw=${line#*:}
+  if [ -z "$user" ] || [ "$user" = "$line" ]; then echo "chpasswd: no user:password line" >&2; rc=1; continue; fi
+  if [ "$1" = -e ]; then hash=$pw; else hash=$(printf '%s\n' "$pw" | mkpasswd -m sha512) || { rc=1; continue; }; fi
+  found=0 today=$(($(date +%s) / 86400))
+  while IFS= read -r entry; do
+    case "$entry" in
+    "$user":*)
+      rest=${entry#*:} rest=${rest#*:} rest=${rest#*:}
+      printf '%s:%s:%s:%s\n' "$user" "$hash" "$today" "$rest"; found=1 ;;
+    *) printf '%s\n' "$entry" ;;
+    esac
+  done </etc/shadow >/etc/shadow.new
+  if [ $found = 1 ]; then mv /etc/shadow.new /etc/shadow; else rm -f /etc/shadow.new; echo "chpasswd: unknown user $user" >&2; rc=1; fi
+done
+exit $rc
+"""
+PASSWD = "root:x:0:0:root:/root:/bin/sh\n"
+GROUP = "root:x:0:\n"
+SHADOW = "root:*:0:0:99999:7:::\n"  # locked until a password is set
 
 POWER_BUTTON_HANDLER = "#!/bin/sh\necho novalet-guest: power button, powering off\npoweroff -f\n"
 
@@ -292,6 +354,32 @@ def _busybox(work: Path) -> Path:
     raise GuestBuildError("busybox-static package has no bin/busybox")
 
 
+def _guest_agent(work: Path) -> list[tuple[str, bytes]]:
+    """qemu-ga and every shared library it loads, as (path in the initramfs, content): the
+    host's /usr/sbin/qemu-ga when qemu-guest-agent is installed, else the one in its downloaded
+    package; the libraries are the host's that ``ldd`` resolves (a Debian host with QEMU has them)."""
+    binary = Path("/usr/sbin/qemu-ga")
+    if not binary.exists():
+        deb = _apt_download(AGENT_PACKAGE, work)
+        _run(["dpkg-deb", "-x", str(deb), str(work / "qga")])
+        binary = work / "qga/usr/sbin/qemu-ga"
+        if not binary.exists():
+            raise GuestBuildError(f"{deb.name} has no usr/sbin/qemu-ga")
+    files = [("usr/sbin/qemu-ga", binary.read_bytes())]
+    for line in _run(["ldd", str(binary)]).splitlines():
+        m = re.match(r"\s*(\S+)(?: => (.*?))?\s+\(0x[0-9a-f]+\)\s*$", line)
+        if "not found" in line or ("=>" in line and not m):
+            raise GuestBuildError(f"qemu-ga needs {line.split()[0]}, which is not on this host: install "
+                                  f"{AGENT_PACKAGE}'s dependencies (apt-get install {AGENT_PACKAGE})")
+        if not m or not (m.group(2) or m.group(1)).startswith("/"):
+            continue  # linux-vdso.so.1: the kernel's
+        path = m.group(2) or m.group(1)  # the library as the loader finds it; the loader by its own path
+        files.append((path.lstrip("/"), Path(path).resolve().read_bytes()))
+    if not any(p.startswith("lib64/ld-linux") for p, _ in files):
+        raise GuestBuildError(f"ldd {binary} names no dynamic loader: {files[1:]!r}")
+    return files
+
+
 def _module_info(ko: bytes) -> dict[str, str]:
     info = {}
     for m in re.finditer(rb"(?<=\x00)(depends|name|vermagic)=([^\x00]*)\x00", ko):
@@ -386,18 +474,25 @@ def build_id() -> str:
     """What the initramfs is made of besides the packages: a change in the init, a script or a
     module list gives a new id, and so a new build (the cache's ``complete.<id>`` marker)."""
     h = hashlib.sha256()
-    for part in (BUILD_FORMAT, INIT_SCRIPT, POWER_BUTTON_HANDLER, UDHCPC_SCRIPT, DEFAULT_CMDLINE,
-                 repr(MODULES), repr(sorted(ON_DEMAND_MODULES.items()))):
+    for part in (BUILD_FORMAT, INIT_SCRIPT, POWER_BUTTON_HANDLER, UDHCPC_SCRIPT, CHPASSWD_SCRIPT, PASSWD, GROUP,
+                 SHADOW, AGENT_PACKAGE, DEFAULT_CMDLINE, repr(MODULES), repr(sorted(ON_DEMAND_MODULES.items()))):
         h.update(part.encode() + b"\x00")
     return f"{BUILD_FORMAT}-{h.hexdigest()[:12]}"
 
 
-def build_initramfs(busybox: bytes, modules: dict[str, list[tuple[str, bytes]]]) -> bytes:
-    """The initramfs: busybox, /init and its scripts, and the module groups of
-    :func:`collect_module_groups` (``/etc/novalet-modules.<group>`` lists each one's load order)."""
+def build_initramfs(busybox: bytes, modules: dict[str, list[tuple[str, bytes]]],
+                    agent: list[tuple[str, bytes]] | None = None) -> bytes:
+    """The initramfs: busybox, /init and its scripts, the module groups of
+    :func:`collect_module_groups` (``/etc/novalet-modules.<group>`` lists each one's load order),
+    root's /etc/passwd and /etc/shadow, and the guest agent's files (:func:`_guest_agent`)."""
     c = _Cpio()
-    for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc", "etc/acpi",
-              "etc/acpi/PWRF", "lib", "lib/modules"):
+    dirs = ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc", "etc/acpi",
+            "etc/acpi/PWRF", "lib", "lib/modules", "www"]
+    agent = agent or []
+    for path, _ in agent:
+        parts = path.split("/")[:-1]
+        dirs += ["/".join(parts[:i + 1]) for i in range(len(parts)) if "/".join(parts[:i + 1]) not in dirs]
+    for d in dirs:
         c.dir(d)
     c.chardev("dev/console", 5, 1)
     c.chardev("dev/null", 1, 3)
@@ -406,6 +501,13 @@ def build_initramfs(busybox: bytes, modules: dict[str, list[tuple[str, bytes]]])
     c.file("init", INIT_SCRIPT.encode(), 0o755)
     c.file("etc/acpi/PWRF/00000080", POWER_BUTTON_HANDLER.encode(), 0o755)
     c.file("etc/udhcpc.script", UDHCPC_SCRIPT.encode(), 0o755)
+    c.file("etc/passwd", PASSWD.encode())
+    c.file("etc/group", GROUP.encode())
+    c.file("etc/shadow", SHADOW.encode(), 0o600)
+    c.symlink("www/shadow", "/etc/shadow")  # GET /shadow: root's entry, to see a password set
+    c.file("usr/sbin/chpasswd", CHPASSWD_SCRIPT.encode(), 0o755)
+    for path, data in agent:
+        c.file(path, data, 0o755)
     for group, mods in modules.items():
         for name, data in mods:
             c.file(f"lib/modules/{name}.ko", data)
@@ -464,15 +566,17 @@ def _build(package: str, out: Path) -> GuestArtifacts:
         if not modroots:
             raise GuestBuildError(f"{deb.name} has no lib/modules/<version>")
         modules = collect_module_groups(modroots[0])
-        initrd = build_initramfs(_busybox(work).read_bytes(), modules)
+        agent = _guest_agent(work)
+        initrd = build_initramfs(_busybox(work).read_bytes(), modules, agent)
         # written in the private temp dir, then renamed: concurrent builders never see half a file
         for fname, data in (("vmlinux", vmlinux), ("initrd.img", initrd),
                             ("cmdline", (DEFAULT_CMDLINE + "\n").encode()),
                             (f"complete.{build_id()}", f"{package}\n".encode())):
             (work / fname).write_bytes(data)
             os.replace(work / fname, out / fname)
-    log.info("built tiny guest %s in %.1fs (modules: %s)", version, time.monotonic() - t0,
-             "; ".join(f"{g}: {' '.join(n for n, _ in mods)}" for g, mods in modules.items()))
+    log.info("built tiny guest %s in %.1fs (modules: %s; guest agent: %s)", version, time.monotonic() - t0,
+             "; ".join(f"{g}: {' '.join(n for n, _ in mods)}" for g, mods in modules.items()),
+             ", ".join(f"/{p} {len(d)}" for p, d in agent))
     return _load(out)
 
 

@@ -6,7 +6,8 @@ guest's kernel and initrd, an empty qcow2, the cidata disk (a raw ISO 9660 volum
 ``cidata``, written here with pycdlib as novalet writes it) attached read-only, a virtio NIC on the
 libvirt network ``default`` (which lives only in the stack's network namespace), and the serial
 port as a pty with a log file: the serial log (the markers) and libvirt's console stream (the
-shell) both work. HTTP to the guest is sent from inside that namespace (``guest_netns``).
+shell) both work. HTTP to the guest is sent from inside that namespace (``guest_netns``). The
+guest agent channel is there as in every instance's domain: libvirt talks to the guest's qemu-ga.
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ from pathlib import Path
 import pytest
 
 from novalet.virt.domain_xml import Disk, DomainConfig, KernelBoot, NetworkInterface, build_domain_xml
-from novalet_dev.guest import CIDATA_MARKER, GUEST_MEMORY_MIB, MARKER, NET_MARKER, wait_for_marker
+from novalet_dev.guest import (
+    AGENT_MARKER,
+    AGENT_PORT,
+    CIDATA_MARKER,
+    GUEST_MEMORY_MIB,
+    MARKER,
+    NET_MARKER,
+    wait_for_marker,
+)
 from novalet_dev.libvirtd import GATEWAY, NETWORK_NAME
 from novalet_dev.testing import TINY
 
@@ -39,6 +48,7 @@ SUBNET = ipaddress.ip_network(f"{GATEWAY}/24", strict=False)
 # not valid UTF-8, NUL, CRLF, no final newline: the HTTP server must give the bytes back as they are
 USER_DATA = b"#cloud-config\r\nhostname: tiny\n\x00\xff\xfe binary \xc3\x28 tail"
 META_DATA = b"instance-id: i-tiny\nlocal-hostname: tiny\n"
+PASSWORD = "pä ss:wörd $HOME 'x' \\ 42"  # spaces, a colon, UTF-8, quotes, a backslash: as given
 
 # run inside the network namespace: GET each path from the guest, print status and body
 HTTP_GET = """
@@ -71,14 +81,14 @@ def cidata_iso(path: Path, user_data: bytes | None, meta_data: bytes) -> Path:
 
 
 def domain_xml(name: str, uid: str, domain_type: str, pool: Path, work: Path, serial_log: Path, *,
-               cidata: Path | None = None, mac: str | None = None) -> str:
+               cidata: Path | None = None, mac: str | None = None, agent: bool = True) -> str:
     disk = work / "disk.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
     nics = (NetworkInterface("default", mac, "network", NETWORK_NAME),) if mac else ()
     xml = build_domain_xml(DomainConfig(
         name=name, uuid=uid, domain_type=domain_type, vcpus=1, memory_mib=GUEST_MEMORY_MIB,
         disks=(Disk(str(disk)),), serial_log=str(serial_log), cidata=str(cidata) if cidata else None,
-        interfaces=nics, guest_agent=True,
+        interfaces=nics, guest_agent=agent,
         kernel=KernelBoot(str(pool / f"{TINY}.kernel"), str(pool / f"{TINY}.initrd"),
                           (pool / f"{TINY}.cmdline").read_text().strip()),
     ))
@@ -135,7 +145,8 @@ class Console:
 
 @pytest.fixture
 def boot(libvirt_uri, libvirt_domain_type, image_pool, tmp_path):
-    """boot(cidata=None, nic=False) -> (dom, conn, uid, mac, serial_log), booted to the ready marker."""
+    """boot(cidata=None, nic=False, agent=True) -> (dom, conn, uid, mac, serial_log), booted to the
+    ready marker; ``agent``: the guest agent channel (in every instance's domain)."""
     import libvirt
 
     from novalet.virt.hypervisor import ensure_event_loop
@@ -144,7 +155,7 @@ def boot(libvirt_uri, libvirt_domain_type, image_pool, tmp_path):
     conn = libvirt.open(libvirt_uri)
     doms = []
 
-    def start(cidata: Path | None = None, nic: bool = False):
+    def start(cidata: Path | None = None, nic: bool = False, agent: bool = True):
         uid = str(uuid.uuid4())
         mac = "52:54:00:" + ":".join(f"{b:02x}" for b in uuid.UUID(uid).bytes[:3]) if nic else None
         work = tmp_path / uid[:8]
@@ -152,7 +163,7 @@ def boot(libvirt_uri, libvirt_domain_type, image_pool, tmp_path):
         work.chmod(0o755)
         serial = work / "serial.log"
         xml = domain_xml(f"tiny-guest-test-{uid[:8]}", uid, libvirt_domain_type, image_pool, work, serial,
-                         cidata=cidata, mac=mac)
+                         cidata=cidata, mac=mac, agent=agent)
         t0 = time.monotonic()
         dom = conn.createXML(xml, 0)
         doms.append(dom)
@@ -197,6 +208,33 @@ def http_get(guest_netns, ip: str, *paths: str) -> dict[str, tuple[int, bytes]]:
     return {path: (status, base64.b64decode(body)) for path, (status, body) in json.loads(r.stdout).items()}
 
 
+def shadow_has(entry: str, user: str, password: str) -> bool:
+    """Is ``entry`` (a line of /etc/shadow) ``user``'s, with a SHA-512 crypt hash of ``password``?
+    (openssl computes the hash with the entry's salt; the password goes through its stdin.)"""
+    fields = entry.strip().split(":")
+    m = re.fullmatch(r"\$6\$([^$]+)\$[./0-9A-Za-z]+", fields[1]) if len(fields) == 9 else None
+    if fields[0] != user or not m:
+        return False
+    out = subprocess.run(["openssl", "passwd", "-6", "-salt", m.group(1), "-stdin"], input=password.encode(),
+                         capture_output=True, check=True).stdout
+    return out.decode().strip() == fields[1]
+
+
+def agent_call(fn, timeout: float = 60.0):
+    """fn() once the guest agent answers (qemu-ga starts after the ready marker; libvirt says
+    VIR_ERR_AGENT_UNRESPONSIVE until the guest has opened its port)."""
+    import libvirt
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_AGENT_UNRESPONSIVE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_cidata_dhcp_http_and_console(boot, tmp_path, guest_netns):
     import libvirt
 
@@ -217,9 +255,26 @@ def test_cidata_dhcp_http_and_console(boot, tmp_path, guest_netns):
     assert [lease["ipaddr"] for lease in leases] == [ip], leases
 
     # the HTTP server, from the guests' network: the uid, the cidata files byte for byte, 404
-    got = http_get(guest_netns, ip, "/", "/user-data", "/meta-data", "/vendor-data")
+    got = http_get(guest_netns, ip, "/", "/user-data", "/meta-data", "/vendor-data", "/shadow")
     assert got == {"/": (200, uid.encode()), "/user-data": (200, USER_DATA), "/meta-data": (200, META_DATA),
-                   "/vendor-data": (404, got["/vendor-data"][1])}
+                   "/vendor-data": (404, got["/vendor-data"][1]),
+                   "/shadow": (200, b"root:*:0:0:99999:7:::\n")}  # root's password locked at first
+
+    # the QEMU guest agent (qemu-ga, started after the ready marker on its virtio-serial port):
+    # libvirt's setUserPassword goes through it to chpasswd, and the new hash is in /etc/shadow,
+    # which the guest serves at /shadow; a user the guest does not have is an error
+    assert wait_for_marker(serial, AGENT_MARKER, timeout=BOOT_TIMEOUT) == f"{AGENT_MARKER} {AGENT_PORT}"
+    agent_call(lambda: dom.setUserPassword("root", PASSWORD, 0))
+    (entry,) = http_get(guest_netns, ip, "/shadow")["/shadow"][1].decode().splitlines()
+    assert shadow_has(entry, "root", PASSWORD), entry
+    assert not shadow_has(entry, "root", PASSWORD + " "), entry
+    with pytest.raises(libvirt.libvirtError, match="failed to set user password"):
+        dom.setUserPassword("nobody", PASSWORD, 0)
+    # and its word for the guest's addresses: eth0 with its MAC and the DHCP address, lo
+    addrs = agent_call(lambda: dom.interfaceAddresses(libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, 0))
+    assert addrs["eth0"]["hwaddr"] == mac, addrs
+    assert {"addr": ip, "prefix": 24, "type": libvirt.VIR_IP_ADDR_TYPE_IPV4} in addrs["eth0"]["addrs"], addrs
+    assert {"addr": "127.0.0.1", "prefix": 8, "type": libvirt.VIR_IP_ADDR_TYPE_IPV4} in addrs["lo"]["addrs"], addrs
 
     con = Console(conn, dom)
     try:
@@ -230,6 +285,9 @@ def test_cidata_dhcp_http_and_console(boot, tmp_path, guest_netns):
         assert con.run("cat /sys/block/vdb/ro").strip() == "1"
         assert f"inet {ip}/24" in con.run("ip -o -4 addr show dev eth0")
         assert f"default via {GATEWAY} dev eth0" in con.run("ip route")
+        assert con.run(f"readlink /dev/virtio-ports/{AGENT_PORT}").strip().startswith("../vport")
+        assert "qemu-ga" in con.run("ps")
+        assert shadow_has(con.run("cat /etc/shadow"), "root", PASSWORD)
     finally:
         con.close()
     # what went through the console also reached the serial log
@@ -244,10 +302,15 @@ def test_cidata_dhcp_http_and_console(boot, tmp_path, guest_netns):
     assert b"power button, powering off" in serial.read_bytes()
 
 
-def test_without_cidata_or_nic(boot):
-    dom, conn, uid, _, serial = boot()
+def test_without_cidata_or_nic_or_agent_channel(boot):
+    import libvirt
+
+    dom, conn, uid, _, serial = boot(agent=False)
     assert wait_for_marker(serial, CIDATA_MARKER, timeout=5) == f"{CIDATA_MARKER} user-data=none"
     assert wait_for_marker(serial, MARKER, timeout=5) == f"{MARKER} rescue=0 disks=vda"
+    assert wait_for_marker(serial, AGENT_MARKER, timeout=BOOT_TIMEOUT) == f"{AGENT_MARKER} none"
+    with pytest.raises(libvirt.libvirtError):
+        dom.setUserPassword("root", PASSWORD, 0)
     con = Console(conn, dom)
     try:
         console_ready(con)
@@ -255,10 +318,10 @@ def test_without_cidata_or_nic(boot):
         assert con.run("wget -q -O - http://127.0.0.1/; echo") == uid + "\n"  # lower case, no newline
         for path in ("user-data", "meta-data"):
             assert "404 Not Found" in con.run(f"wget -O /dev/null http://127.0.0.1/{path} 2>&1")
-        # nothing loaded that the guest does not need; no DHCP client without a NIC
+        # nothing loaded that the guest does not need; no DHCP client without a NIC, no agent without its port
         modules = {line.split()[0] for line in con.run("lsmod").splitlines()[1:] if line.strip()}
-        assert not modules & {"virtio_net", "isofs", "vfat"}, modules
-        assert "udhcpc" not in con.run("ps")
+        assert not modules & {"virtio_net", "isofs", "vfat", "virtio_console"}, modules
+        assert "udhcpc" not in con.run("ps") and "qemu-ga" not in con.run("ps")
         assert re.fullmatch(r"1: lo: <[^>]*\bUP\b.*", con.run("ip -o link").strip()), con.run("ip -o link")
     finally:
         con.close()
