@@ -1,5 +1,6 @@
-"""`novalet console NAMESPACE/NAME`: the guest's serial console through libvirt's console stream
-(what `virsh console` uses), run wherever the instance's libvirt is reachable.
+"""`novalet console NAMESPACE/NAME` (and `kubectl novalet console NAME`, which calls :func:`run`
+here): the guest's serial console through libvirt's console stream (what `virsh console` uses),
+run wherever the instance's libvirt is reachable.
 
 The VirtualInstance gives the domain (``novalet-<metadata.uid>``) and, when it is elsewhere, the
 node to name in the error. The console is a non-blocking ``virStream`` opened with
@@ -54,6 +55,26 @@ def escape_byte(text: str) -> int:
     if len(text) == 2 and text[0] == "^" and "@" <= text[1].upper() <= "_":
         return ord(text[1].upper()) ^ 0x40
     raise ValueError(f"expected ^X with X one of @ A-Z [ \\ ] ^ _, got {text!r}")
+
+
+def escape_argument(text: str) -> str:
+    """argparse's type for --escape: the text as given, if `escape_byte` takes it (else exit 2)."""
+    try:
+        escape_byte(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def add_session_options(parser: argparse.ArgumentParser) -> None:
+    """The session's own options (`kubectl novalet console` declares them with this; the
+    Kubernetes flags are each command's own)."""
+    parser.add_argument("--libvirt-uri", default=None,
+                        help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)")
+    parser.add_argument("--escape", type=escape_argument, default="^]", metavar="^X",
+                        help="the key that ends the session (default: ^], Ctrl-])")
+    parser.add_argument("--force", action="store_true",
+                        help="take the console from another session (which ends)")
 
 
 def split_target(target: str, default_namespace) -> tuple[str, str]:

@@ -4,7 +4,8 @@ serial console). The shell answers through libvirt's console stream, Ctrl-] (or 
 ends the session with exit 0 and the terminal's settings as they were (also after SIGTERM); a
 second session is refused unless it takes the console with --force (the first then ends, saying
 so); a guest stopping ends the session; and each refusal says why: no such instance, not running, not on this libvirt (with
-the node it runs on and the kubectl exec to use)."""
+the node it runs on and the kubectl exec to use). `kubectl novalet console NAME -n NAMESPACE`, through the real
+kubectl's plugin lookup, reaches the same console."""
 import asyncio
 import os
 import select
@@ -14,6 +15,7 @@ import sys
 import termios
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -24,6 +26,7 @@ from .harness import unique_node
 pytestmark = pytest.mark.stack
 FLAVOR = {"vcpus": 1, "memoryMiB": 128}
 SHELL_TIMEOUT = 90  # TCG on a loaded machine: the boot and the shell's first prompt
+VENV_BIN = str(Path(sys.executable).parent)  # where the package installed kubectl-novalet
 
 
 class Terminal:
@@ -101,14 +104,17 @@ async def shell_answers(term: Terminal) -> None:
 
 @pytest.fixture
 def console(control_plane, libvirt_uri):
-    """console(*args, tty=True): `novalet console ARGS` as a Terminal, or (tty=False) run to the end
-    with stdin from /dev/null -> CompletedProcess. KUBECONFIG and LIBVIRT_DEFAULT_URI point at the
-    stack, as `eval "$(novalet dev env)"` sets them."""
-    env = {**os.environ, "KUBECONFIG": str(control_plane.kubeconfig), "LIBVIRT_DEFAULT_URI": libvirt_uri}
+    """console(*args, tty=True, kubectl=False): `novalet console ARGS` (with kubectl, `kubectl novalet
+    console ARGS` through the real kubectl) as a Terminal, or (tty=False) run to the end with stdin
+    from /dev/null -> CompletedProcess. KUBECONFIG, LIBVIRT_DEFAULT_URI and PATH point at the stack
+    and the plugin, as `eval "$(novalet dev env)"` sets them."""
+    env = {**os.environ, "KUBECONFIG": str(control_plane.kubeconfig), "LIBVIRT_DEFAULT_URI": libvirt_uri,
+           "PATH": f"{VENV_BIN}{os.pathsep}{control_plane.bin_dir}{os.pathsep}{os.environ['PATH']}"}
     started: list[Terminal] = []
 
-    def run(*args: str, tty: bool = True):
-        argv = [sys.executable, "-m", "novalet.cli", "console", *args]
+    def run(*args: str, tty: bool = True, kubectl: bool = False):
+        argv = ([str(control_plane.bin_dir / "kubectl"), "novalet", "console", *args] if kubectl
+                else [sys.executable, "-m", "novalet.cli", "console", *args])
         if not tty:
             return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                   timeout=60, check=False)
@@ -200,6 +206,23 @@ async def test_the_shell_through_the_console_escape_force_and_stop(instances, ag
     assert f"{where} has no domain novalet-{uid} on this libvirt (test:///default); the instance runs on node " \
            f"{node}: run this where its agent's libvirt is reachable, e.g. kubectl exec -it -n <agent namespace> " \
            f"<agent pod on {node}> -- novalet console {where}" in elsewhere.stderr
+
+
+async def test_kubectl_novalet_console_reaches_the_same_console(instances, agents, console, namespace):
+    node = unique_node()
+    agents.start(node)
+    created = await instances.create("vm", {"flavor": FLAVOR, "image": TINY, "nodeName": node})
+    await instances.wait_idle("vm", "active", agents=agents)
+    term = console("vm", "-n", namespace, kubectl=True)
+    assert await term.expect(b"Escape character is ^]", 30), term.shown()
+    assert (f"Connected to {namespace}/vm (domain novalet-{created['metadata']['uid']} on node {node})".encode()
+            in term.shown())
+    await shell_answers(term)
+    term.type(b"\x1d")
+    assert await term.exited(5) == 0, term.shown()
+    assert term.restored()
+    missing = console("nope", "-n", namespace, kubectl=True, tty=False)
+    assert missing.returncode == 1 and f"virtualinstance {namespace}/nope not found" in missing.stderr
 
 
 async def test_a_missing_instance_is_said_so(crds, console, namespace):

@@ -9,7 +9,7 @@ from pydantic import TypeAdapter
 
 from novalet.api.models import ActionId, VirtualInstance
 from novalet.plugin import requests as rq
-from novalet.plugin.cli import VERBS, parse
+from novalet.plugin.cli import VERBS, console_args, main, parse
 
 NOW = datetime(2026, 12, 4, 20, 0, tzinfo=UTC)
 FLAVOR = {"vcpus": 1, "memoryMiB": 128}
@@ -178,3 +178,48 @@ def test_resize_without_a_size_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exited:
         parse(["resize", "vm"])
     assert exited.value.code == 2 and "--vcpus" in capsys.readouterr().err
+
+
+# ---- console: novalet.console's session, reached through kubectl's flags -------------------
+@pytest.mark.parametrize("argv,target", [
+    (["console", "vm", "-n", "ns"], "ns/vm"),
+    (["-n", "ns", "console", "vm"], "ns/vm"),
+    (["console", "--namespace=ns", "vm"], "ns/vm"),
+    (["console", "vm"], "vm"),  # novalet.console takes the kubeconfig context's namespace
+])
+def test_console_hands_novalet_console_its_target_and_defaults(argv, target):
+    args = parse(argv)
+    assert args.verb == "console"
+    assert vars(console_args(args)) == {"target": target, "kubeconfig": None, "context": None,
+                                        "libvirt_uri": None, "escape": "^]", "force": False}
+
+
+def test_console_takes_novalet_consoles_options_and_kubectls_flags():
+    args = parse(["console", "vm", "--escape", "^b", "--force", "--libvirt-uri", "test:///default",
+                  "--context", "c", "--kubeconfig", "/k", "-n", "ns"])
+    assert vars(console_args(args)) == {"target": "ns/vm", "kubeconfig": "/k", "context": "c",
+                                        "libvirt_uri": "test:///default", "escape": "^b", "force": True}
+
+
+def test_console_is_run_by_novalet_console(monkeypatch):
+    import novalet.console
+
+    seen = []
+    monkeypatch.setattr(novalet.console, "run", lambda args: seen.append(vars(args)) or 7)
+    assert main(["console", "vm", "-n", "ns", "--force"]) == 7  # its exit status, as is
+    assert seen == [{"target": "ns/vm", "kubeconfig": None, "context": None, "libvirt_uri": None,
+                     "escape": "^]", "force": True}]
+
+
+@pytest.mark.parametrize("argv,error", [
+    (["console", "vm", "--escape", "x"], "expected ^X"),
+    (["console", "ns/vm"], "the namespace goes in -n"),
+    (["console", "vm", "-o", "json"], "unrecognized arguments: -o json"),
+    (["console", "vm", "--no-wait"], "unrecognized arguments: --no-wait"),
+    (["-o", "json", "console", "vm"], "console is a session, not a request: --output does not apply"),
+    (["--timeout", "5", "console", "vm"], "--timeout does not apply"),
+])
+def test_console_usage_errors(argv, error, capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse(argv)
+    assert exited.value.code == 2 and error in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""`kubectl novalet VERB NAME`: the thin shell around plugin.requests (flags, apiserver, terminal).
+"""`kubectl novalet VERB NAME`: the thin shell around plugin.requests (flags, apiserver, terminal);
+`console` hands over to novalet.console, the code behind `novalet console`.
 
 kubectl runs any `kubectl-novalet` on the PATH as `kubectl novalet`; the package installs it.
 """
@@ -13,6 +14,7 @@ from typing import Any
 
 from kubernetes_asyncio import client, watch
 
+from .. import console as novalet_console
 from ..api.models import VirtualInstance
 from ..kube.client import api_client, default_namespace
 from . import requests as rq
@@ -42,16 +44,22 @@ VERBS: dict[str, str] = {
     "reset-state": "administrators: reset vmState to active or error, clearing the task (ResetState)",
     "wait": "wait until the instance is Ready, or needs a person (exit 1 then)",
     "history": "list the instance's last actions: who asked, when, and how they ended",
+    "console": "attach to the guest's serial console (as `novalet console`: run it where the "
+               "instance's libvirt is reachable)",
 }
+REQUEST_FLAGS = ("output", "no_wait", "timeout")  # about a request and its wait: not for console
 
 
-def _common_flags(suppress: bool) -> argparse.ArgumentParser:
-    """kubectl's flags, accepted anywhere on the line (before or after the verb)."""
+def _common_flags(suppress: bool, requests: bool = True) -> argparse.ArgumentParser:
+    """kubectl's flags, accepted anywhere on the line (before or after the verb); with `requests`,
+    also those about a request's outcome."""
     default = argparse.SUPPRESS if suppress else None
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-n", "--namespace", default=default, help="the instance's namespace")
     common.add_argument("--context", default=default, help="the kubeconfig context to use")
     common.add_argument("--kubeconfig", default=default, help="path to the kubeconfig file")
+    if not requests:
+        return common
     common.add_argument("-o", "--output", choices=["text", "json"], default=default,
                         help="json: one JSON document on stdout (for scripts)")
     common.add_argument("--no-wait", action="store_true", default=default,
@@ -66,12 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kubectl novalet", parents=[_common_flags(suppress=True)],
         description="Act on a VirtualInstance as a GitOps user would (each verb writes the spec field "
                     "or a spec.action with a fresh id), then wait for the outcome with live progress. "
-                    "Exit 0: done; 1: Rejected, Failed, timed out or not found; 2: usage.")
+                    "Exit 0: done; 1: Rejected, Failed, timed out or not found; 2: usage. "
+                    "`console` attaches to the guest's serial console instead (novalet console's session).")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, text in VERBS.items():
-        sub = verbs.add_parser(verb, help=text, description=text, parents=[_common_flags(suppress=True)])
+        sub = verbs.add_parser(verb, help=text, description=text,
+                               parents=[_common_flags(suppress=True, requests=verb != "console")])
         sub.add_argument("name", metavar="NAME", help="the VirtualInstance")
-        if verb == "reboot":
+        if verb == "console":
+            novalet_console.add_session_options(sub)
+        elif verb == "reboot":
             sub.add_argument("--hard", action="store_true", help="power-cycle at once (no ACPI)")
         elif verb == "resize":
             sub.add_argument("--vcpus", type=int, help="new vCPU count")
@@ -94,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verb == "console":
+        given = [name for name in REQUEST_FLAGS if hasattr(args, name)]  # before the verb, e.g. -o json console
+        if given:
+            parser.error(f"console is a session, not a request: --{given[0].replace('_', '-')} does not apply")
+        if "/" in args.name:
+            parser.error(f"console NAME is the instance's name, got {args.name!r}: the namespace goes in -n")
     for name, value in (("namespace", None), ("context", None), ("kubeconfig", None), ("output", "text"),
                         ("no_wait", False), ("timeout", 600.0)):
         if not hasattr(args, name):
@@ -105,10 +123,29 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.verb == "console":
+        return console(args)
     try:
         return asyncio.run(Session(args).run())
     except KeyboardInterrupt:
         print("\nstopped waiting; the request stands", file=sys.stderr)
+        return 130
+
+
+def console_args(args: argparse.Namespace) -> argparse.Namespace:
+    """What `novalet console` would have parsed: NAMESPACE/NAME with -n, else NAME alone (the
+    kubeconfig context's namespace, which novalet.console looks up as the other verbs do)."""
+    return argparse.Namespace(
+        target=f"{args.namespace}/{args.name}" if args.namespace else args.name,
+        kubeconfig=args.kubeconfig, context=args.context, libvirt_uri=args.libvirt_uri,
+        escape=args.escape, force=args.force)
+
+
+def console(args: argparse.Namespace) -> int:
+    """The session itself is novalet.console's (exit status included)."""
+    try:
+        return novalet_console.run(console_args(args))
+    except KeyboardInterrupt:  # before the session (reading the instance): in it, Ctrl-C is the guest's
         return 130
 
 
