@@ -8,24 +8,29 @@ from pathlib import Path
 # file outside the chart).
 GENERATED = {
     "crd": ("crds/novalet.io_virtualinstances.yaml", "charts/novalet/crds/novalet.io_virtualinstances.yaml"),
+    "ClusterVirtualImage": ("crds/novalet.io_clustervirtualimages.yaml",
+                            "charts/novalet/crds/novalet.io_clustervirtualimages.yaml"),
+    "VirtualImage": ("crds/novalet.io_virtualimages.yaml", "charts/novalet/crds/novalet.io_virtualimages.yaml"),
     "policies": ("crds/novalet.io_admission-policies.yaml",
                  "charts/novalet/files/novalet.io_admission-policies.yaml"),
 }
 
 
 def _crd(args: argparse.Namespace) -> int:
-    from .api.crd import crd_yaml
+    from .api.crd import crd_yaml, image_crd_yaml
     from .api.policies import policies_yaml
 
     if args.write is not None:
         root = Path(args.write)
-        for kind, text in (("crd", crd_yaml()), ("policies", policies_yaml())):
+        texts = {"crd": crd_yaml(), "policies": policies_yaml(),
+                 **{kind: image_crd_yaml(kind) for kind in ("ClusterVirtualImage", "VirtualImage")}}
+        for kind, text in texts.items():
             for path in GENERATED[kind]:
                 (root / path).parent.mkdir(parents=True, exist_ok=True)
                 (root / path).write_text(text)
                 print(f"wrote {root / path}")
         return 0
-    text = policies_yaml() if args.policies else crd_yaml()
+    text = policies_yaml() if args.policies else image_crd_yaml(args.image) if args.image else crd_yaml()
     if args.output == "-":
         sys.stdout.write(text)
     else:
@@ -71,6 +76,19 @@ def _boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _size(text: str) -> int:
+    """`50Gi`, `500Mi`, `1Ti`, `1024Ki` or a number of bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    number, unit = (text[:-2], units[text[-2:]]) if text[-2:] in units else (text, 1)
+    try:
+        value = int(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 50Gi, 500Mi or a number of bytes, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
+    return value
+
+
 def _network(text: str) -> tuple[str, tuple[str, str]]:
     from .agent.operations import parse_network
 
@@ -102,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--node-name", required=True, help="the node this agent serves")
     run.add_argument("--libvirt-uri", default=None, help="libvirt URI (default: $LIBVIRT_DEFAULT_URI)")
     run.add_argument("--image-pool", type=Path, default=Path("/var/lib/novalet/images"),
-                     help="directory holding the images instances boot from")
+                     help="the node's image cache: images preloaded by hand, and catalog/ (VirtualImage and "
+                          "ClusterVirtualImage copies, snapshots)")
+    run.add_argument("--snapshot-quota-count", type=int, default=10, metavar="N",
+                     help="snapshots (VirtualImages made by Snapshot) a namespace may keep (default: 10)")
+    run.add_argument("--snapshot-quota-bytes", type=_size, default=50 * 2**30, metavar="BYTES",
+                     help="their total size, e.g. 50Gi (default), 500Mi or a number of bytes")
     run.add_argument("--state-dir", type=Path, default=Path("/var/lib/novalet"),
                      help="where instance disks live")
     run.add_argument("--namespace", action="append", default=None,
@@ -197,8 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     crd.add_argument("-o", "--output", default="-")
     crd.add_argument("--policies", action="store_true",
                      help="print the admission policies (novalet-requester, novalet-requests) instead")
+    crd.add_argument("--image", choices=("ClusterVirtualImage", "VirtualImage"), default=None,
+                     help="print the CRD of an image kind instead")
     crd.add_argument("--write", nargs="?", const=".", default=None, metavar="REPO",
-                     help="write the CRD and the admission policies to crds/ and the chart's copies "
+                     help="write the CRDs and the admission policies to crds/ and the chart's copies "
                           "(charts/novalet/crds, charts/novalet/files) under REPO (default: .)")
     crd.set_defaults(func=_crd)
 

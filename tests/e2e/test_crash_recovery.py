@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client
 
+from novalet.core.catalog import snapshot_pool_name
 from novalet.core.plans import EXPECTED_POWER, PLANS
 from novalet.core.vocabulary import Action, VmState
 from novalet.virt.images import PARTIAL_MARK, ImagePool
@@ -180,7 +181,7 @@ async def test_crash_point(case: Case, point: str, instances, agents, libvirt_vi
         assert ("disk.qcow2" in instance_files) == bool(status.get("image")), instance_files
         rescue_disk = case.final == "rescued" and bool(status.get("image"))  # diskless: none
         assert ("rescue.qcow2" in instance_files) == rescue_disk, instance_files
-        assert not [p for p in agents.image_pool.iterdir() if PARTIAL_MARK in p.name]
+        assert not [p for p in agents.image_pool.rglob("*") if PARTIAL_MARK in p.name]  # catalog/ too
         if counter:
             await asyncio.sleep(2)  # room for a second reboot to show up
             assert counter.reboots == 1, f"{counter.reboots} reboots at libvirt ({counter.starts} starts, " \
@@ -205,6 +206,5 @@ async def test_crash_point(case: Case, point: str, instances, agents, libvirt_vi
     finally:
         if counter:
             counter.close()
-        if case.action == Action.SNAPSHOT:
-            for p in agents.image_pool.glob("crash-snap*"):
-                p.unlink()
+        if case.action == Action.SNAPSHOT:  # the snapshot's copy in the pool's catalog (docs/images.md)
+            pool.remove(snapshot_pool_name(namespace, uid, case.request["action"]["id"]))

@@ -6,6 +6,7 @@ import base64
 import pytest
 from kubernetes_asyncio import client
 
+from novalet.core.catalog import snapshot_pool_name
 from novalet.virt.images import ImagePool
 from novalet_dev.guest import count_markers, wait_for_marker
 
@@ -175,14 +176,24 @@ async def test_rebuild_to_another_image(instances, agents, libvirt_view):
     wait_for_marker(serial(agents, node, uid), timeout=60)  # the tiny guest now boots from the image
 
 
-async def test_snapshot_lands_in_the_image_pool(instances, agents, libvirt_view):
-    _node, body = await build(instances, agents, "vm")
+async def test_snapshot_lands_as_a_virtual_image_of_the_namespace(instances, agents, libvirt_view, kube_api,
+                                                                 namespace):
+    node, body = await build(instances, agents, "vm")
+    uid = body["metadata"]["uid"]
     await instances.request("vm", {"name": "Snapshot", "id": "snap-1", "snapshotName": "vm-snap"})
     body = await instances.wait_idle("vm", "active", agents=agents, last_id="snap-1")
     assert status_of(body)["lastAction"]["result"] == "Succeeded"
-    assert (agents.image_pool / "vm-snap.qcow2").exists()
-    assert lv.power(libvirt_view, body["metadata"]["uid"]) == "running"
-    (agents.image_pool / "vm-snap.qcow2").unlink()
+    image = await client.CustomObjectsApi(kube_api).get_namespaced_custom_object(
+        "novalet.io", "v1alpha1", namespace, "virtualimages", "vm-snap")
+    assert image["spec"]["source"]["snapshot"] == {"instanceName": "vm", "instanceUID": uid, "actionId": "snap-1",
+                                                   "node": node}
+    (copy,) = image["status"]["nodes"]
+    assert (copy["node"], copy["phase"], copy["format"]) == (node, "Ready", "qcow2") and copy["sizeBytes"] > 0
+    pool_file = agents.image_pool / f"{snapshot_pool_name(namespace, uid, 'snap-1')}.qcow2"
+    assert pool_file.stat().st_size == copy["sizeBytes"]
+    assert not (agents.image_pool / "vm-snap.qcow2").exists()  # never under the user's name
+    assert lv.power(libvirt_view, uid) == "running"
+    pool_file.unlink()
 
 
 async def test_set_password_without_guest_agent_fails_clearly(instances, agents, kube_api, namespace):

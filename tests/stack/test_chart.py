@@ -100,7 +100,8 @@ def test_chart_copies_are_the_repo_files():
         assert not (REPO / chart_path).is_symlink(), "Helm does not follow symlinks out of a chart: keep a copy"
         assert (REPO / chart_path).read_bytes() == (REPO / repo_path).read_bytes(), (
             f"{chart_path} differs from {repo_path}: .venv/bin/novalet crd --write")
-    assert sorted(p.name for p in (CHART / "crds").iterdir()) == [CRD_FILE]
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == sorted(
+        Path(chart_path).name for kind, (_, chart_path) in GENERATED.items() if kind != "policies")
 
 
 def test_helm_lint(helm):
@@ -211,6 +212,10 @@ def test_helm_template_rbac_is_least_privilege(helm):
     assert agent - events == {
         ("novalet.io", "virtualinstances", v, "") for v in ("get", "list", "watch", "patch")
     } | {("novalet.io", "virtualinstances/status", v, "") for v in ("get", "patch")} | {
+        ("novalet.io", kind, "get", "") for kind in ("virtualimages", "clustervirtualimages")} | {
+        ("novalet.io", "virtualimages", v, "") for v in ("list", "create")} | {
+        ("novalet.io", f"{kind}/status", v, "") for kind in ("virtualimages", "clustervirtualimages")
+        for v in ("get", "patch")} | {
         ("authorization.k8s.io", "subjectaccessreviews", "create", ""),
         ("admissionregistration.k8s.io", "validatingadmissionpolicies", "get", REQUESTS_POLICY),
         ("admissionregistration.k8s.io", "validatingadmissionpolicybindings", "get", REQUESTS_POLICY),

@@ -26,6 +26,11 @@ class HungLease:
         await asyncio.sleep(3600)  # an apiserver that accepted the connection and never answers
 
 
+class Catalog:
+    async def close(self):
+        return None
+
+
 class RefusedLease:
     async def release(self):
         raise ConnectionRefusedError("Cannot connect to host 127.0.0.1:6443")
@@ -34,7 +39,7 @@ class RefusedLease:
 async def stop_with(lease, monkeypatch) -> None:
     monkeypatch.setattr(main, "RELEASE_TIMEOUT_S", 0.05)
     agent = SimpleNamespace(background=[], lease_held=asyncio.Event(), activation=None, queue=Queue(),
-                            lease=lease, node="n1", events=Events())
+                            lease=lease, node="n1", events=Events(), catalog=Catalog())
     await asyncio.wait_for(main.Agent.stop(agent), timeout=5)
 
 

@@ -181,3 +181,28 @@ def test_virtual_instance_round_trips_unknown_metadata():
     obj = VirtualInstance(metadata={"name": "vm1", "labels": {"a": "b"}}, spec={"flavor": FLAVOR})
     assert obj.metadata.name == "vm1"
     assert obj.status.vmState is None and obj.status.history == []
+
+
+# --- the image catalog's CRDs -------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["ClusterVirtualImage", "VirtualImage"])
+def test_checked_in_image_crds_match_the_models(kind):
+    from novalet.api.crd import IMAGE_KINDS, image_crd_yaml
+
+    path = ROOT / "crds" / f"novalet.io_{IMAGE_KINDS[kind][0]}.yaml"
+    assert path.read_text() == image_crd_yaml(kind), (
+        f"{path.relative_to(ROOT)} is stale; regenerate it with: .venv/bin/novalet crd --write")
+    assert not [e for e in yaml.parse(image_crd_yaml(kind)) if getattr(e, "anchor", None)]
+
+
+def test_image_scopes_and_required_checksum():
+    from novalet.api.crd import image_crd_manifest
+    from novalet.api.models import ClusterVirtualImageSpec, VirtualImageSpec
+
+    assert image_crd_manifest("ClusterVirtualImage")["spec"]["scope"] == "Cluster"
+    assert image_crd_manifest("VirtualImage")["spec"]["scope"] == "Namespaced"
+    with pytest.raises(pydantic.ValidationError, match="sha256"):
+        VirtualImageSpec.model_validate({"source": {"http": {"url": "http://127.0.0.1/x.qcow2"}}})
+    for bad in ("file:///etc/shadow", "ftp://h/x", "http://h/a b"):
+        with pytest.raises(pydantic.ValidationError, match="url"):
+            ClusterVirtualImageSpec.model_validate({"source": {"http": {"url": bad, "sha256": "0" * 64}}})

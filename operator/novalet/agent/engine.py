@@ -20,6 +20,7 @@ from ..api.policies import REQUESTED_BY
 from ..core import (
     authorization,
     backoff,
+    catalog,
     conditions,
     interfaces,
     policy,
@@ -208,18 +209,31 @@ class Engine:
     # ---- carrying out a plan ---------------------------------------------------------
     async def _execute(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> float | None:
         plan = plan_of(request.action)
-        facts = await self.ops.facts(inst)
         target_flavor = inst.spec.flavor if request.action in (A.CREATE, A.RESIZE) else None
         target_image = inst.spec.image if request.action in (A.CREATE, A.REBUILD) else None
-        body = await self._cas(body, lambda s: transitions.begin(
+        image = await self.ops.image_state(inst, target_image) if target_image else ("", "")
+        if image[0] == catalog.DOWNLOADING:  # waited for before the task begins: nothing to recover
+            return await self._wait_for_image(body, inst, image[1])
+        facts = await self.ops.facts(inst)
+        body = await self._cas(body, lambda s: catalog.image_condition(transitions.begin(
             s, plan, request.id, self.owner, now(), facts.power_state, target_flavor, target_image,
-            handled=request.imperative, requested_by=request.requested_by), guard=None)
+            handled=request.imperative, requested_by=request.requested_by), target_image, *image, now()),
+            guard=None)
         self.metrics.tasks_started.labels(request.action.value).inc()
         self._began[request.id] = time.monotonic()
         await self.events.emit(body, "Started", f"{request.action.value} {request.id}: "
                                                 f"{plan.steps[0].task_state.value}")
         crash_if("after_claim", request.action.value, plan.steps[0].task_state.value)
         return await self._run_steps(body, plan, from_step=0)
+
+    async def _wait_for_image(self, body: dict[str, Any], inst: VirtualInstance, waiting: str) -> float:
+        """The image is downloading to this node: say so (once per change), look again soon."""
+        def downloading(status: VirtualInstanceStatus) -> VirtualInstanceStatus:
+            return catalog.image_condition(status, inst.spec.image, catalog.DOWNLOADING, waiting, now())
+
+        if not _same(self._as_written(downloading(inst.status), inst), inst.status):
+            await self._cas(body, downloading, guard=None)
+        return catalog.LOOK_AGAIN_S
 
     async def _run_steps(self, body: dict[str, Any], plan: Plan, from_step: int,
                          escalated: bool = False, note: str = "") -> float | None:

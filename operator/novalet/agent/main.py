@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from .. import GROUP, PLURAL, VERSION
 from ..core.backoff import BackoffPolicy
+from ..core.catalog import SnapshotQuota
 from ..core.fencing import LeaseTiming
 from ..core.reaping import ReapPolicy
 from ..kube.client import RetryForever, api_client, register_login
@@ -28,6 +29,7 @@ from ..kube.lease import NodeLease
 from ..virt.kvm import domain_type
 from .engine import Engine
 from .fence import Fence, Fenced
+from .images import ImageCatalog
 from .libvirt_calls import LibvirtCalls
 from .metrics import AgentMetrics, statuses_in
 from .operations import DEFAULT_NETWORKS, LibvirtTimeouts, Operations
@@ -77,9 +79,11 @@ class Agent:
             Hypervisor, uri, self.args.image_pool, self.args.state_dir, kind, guard=self.fence.check)
         log.info("node %s: libvirt %s, domain type %s, images in %s", self.node, uri, kind,
                  self.args.image_pool)
+        self.catalog = ImageCatalog(api, hypervisor.images, self.node, guard=self.fence.check, quota=SnapshotQuota(
+            self.args.snapshot_quota_count, self.args.snapshot_quota_bytes))
         self.ops = Operations(hypervisor, api, self.node, self.args.soft_reboot_timeout, self.args.stop_timeout,
                               LibvirtTimeouts(self.args.libvirt_timeout, self.args.libvirt_query_timeout),
-                              LibvirtCalls(self.args.libvirt_threads), self.metrics, self.networks)
+                              LibvirtCalls(self.args.libvirt_threads), self.metrics, self.networks, self.catalog)
         self.engine = Engine(self.store, events, self.ops, self.node, self.identity,
                              self.backoff, self.metrics)
         # one flow per namespace: a tenant's storm does not hold another tenant's request
@@ -136,6 +140,7 @@ class Agent:
         if self.lease_held.is_set() or self.activation:
             self.stand_down("the agent is stopping", stopping=True)
         await asyncio.gather(self.queue.stop(), *self.background, return_exceptions=True)
+        await self.catalog.close()  # a download in flight is left partial: the next fetch replaces it
         await self.events.close(timeout_s=0)
         try:  # an apiserver that does not answer must not keep the agent from exiting
             await asyncio.wait_for(self.lease.release(), timeout=RELEASE_TIMEOUT_S)

@@ -20,8 +20,9 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
-from ..api.models import InterfaceStatus, VirtualInstance
+from ..api.models import InterfaceStatus, SnapshotSource, VirtualInstance
 from ..core.authorization import secret_check
+from ..core.catalog import DOWNLOADING, PRESENT, UNAVAILABLE, snapshot_pool_name
 from ..core.facts import MISSING, Facts
 from ..core.interfaces import interface_status, interfaces_of, mac_address
 from ..core.recovery import JOURNALED_OPS
@@ -30,6 +31,7 @@ from ..kube.access import Access, SecretError
 from ..virt.cidata import CloudInit, meta_data
 from ..virt.domain_xml import InstanceMetadata, NetworkInterface
 from ..virt.hypervisor import DomainFacts, Hypervisor, HypervisorError, InstanceSpec
+from .images import ImageCatalog, ImageUnavailable
 from .libvirt_calls import CallTimedOut, LibvirtCalls
 from .metrics import AgentMetrics
 
@@ -91,8 +93,10 @@ class Operations:
     def __init__(self, hypervisor: Hypervisor, api: client.ApiClient, node: str, soft_reboot_timeout: float,
                  stop_timeout: float = 60.0, timeouts: LibvirtTimeouts | None = None,
                  calls: LibvirtCalls | None = None, metrics: AgentMetrics | None = None,
-                 networks: dict[str, tuple[str, str]] | None = None):
+                 networks: dict[str, tuple[str, str]] | None = None, catalog: ImageCatalog | None = None):
         self.hv, self.node = hypervisor, node
+        if catalog is not None:
+            self.catalog = catalog  # else built on first use (cached_property below)
         self.networks = DEFAULT_NETWORKS if networks is None else networks  # name -> (kind, source)
         self.metrics = metrics or AgentMetrics()
         self.core = client.CoreV1Api(api)
@@ -177,13 +181,46 @@ class Operations:
         """The guest ignored the ACPI shutdown until the deadline: power it off."""
         await self._call(self.hv.destroy, inst.metadata.uid)
 
-    def _spec(self, inst: VirtualInstance, cidata: CloudInit | None = None) -> InstanceSpec:
+    @staticmethod
+    def image_of(inst: VirtualInstance) -> str:
+        """The image name the instance's disk is (to be) built from: the task's target, else the record's."""
+        task = inst.status.currentTask
+        return task.targetImage if task and task.targetImage is not None else (inst.status.image or "")
+
+    def _spec(self, inst: VirtualInstance, pool_image: str, cidata: CloudInit | None = None) -> InstanceSpec:
+        """The domain to define; `pool_image`: the pool's name of the image (pool_image())."""
         task = inst.status.currentTask
         flavor = (task and task.targetFlavor) or inst.status.flavor or inst.spec.flavor
-        image = task.targetImage if task and task.targetImage is not None else (inst.status.image or "")
         return InstanceSpec(uid=inst.metadata.uid, namespace=inst.metadata.namespace, name=inst.metadata.name,
-                            vcpus=flavor.vcpus, memory_mib=flavor.memoryMiB, image=image, node=self.node,
+                            vcpus=flavor.vcpus, memory_mib=flavor.memoryMiB, image=pool_image, node=self.node,
                             interfaces=self.nics(inst), cidata=cidata)
+
+    # ---- images (agent/images.py) --------------------------------------------------------
+    async def image_state(self, inst: VirtualInstance, name: str) -> tuple[str, str]:
+        """Before a create or rebuild begins: is image `name` on this node (Present), on its way
+        (Downloading: its download runs), or not to be had (Unavailable: the step will fail,
+        saying why)? With the message for the instance's ImageReady condition."""
+        try:
+            waiting = self.catalog.prepare(await self.catalog.resolve(inst.metadata.namespace, name))
+        except ImageUnavailable as error:
+            return UNAVAILABLE, str(error)
+        if waiting:
+            return DOWNLOADING, waiting
+        return PRESENT, f"image {name} is on node {self.node}"
+
+    async def pool_image(self, inst: VirtualInstance, name: str) -> str:
+        """The pool's name of image `name` for this instance ("" for none); OperationError when
+        it is missing, failed, or (after a restart mid-task) not downloaded yet."""
+        if not name:
+            return ""
+        try:
+            resolved = await self.catalog.resolve(inst.metadata.namespace, name)
+            waiting = self.catalog.prepare(resolved)
+        except ImageUnavailable as error:
+            raise OperationError(str(error)) from None
+        if waiting:
+            raise OperationError(f"{waiting}; not on this node yet")
+        return resolved.pool_name
 
     def nics(self, inst: VirtualInstance) -> tuple[NetworkInterface, ...]:
         """The instance's interfaces on this node's networks; a network it does not provide fails."""
@@ -227,8 +264,8 @@ class Operations:
         return interface_status(((nic.name, nic.mac) for nic in nics), addresses)
 
     async def _guest_spec(self, inst: VirtualInstance) -> InstanceSpec:
-        image = self._spec(inst).image
-        return self._spec(inst, await self.cloud_init(inst) if image else None)
+        image = await self.pool_image(inst, self.image_of(inst))
+        return self._spec(inst, image, await self.cloud_init(inst) if image else None)
 
     # ---- build -----------------------------------------------------------------------
     async def op_plug_network(self, inst: VirtualInstance) -> None:
@@ -262,7 +299,11 @@ class Operations:
         await self._call(self.hv.resume, inst.metadata.uid)
 
     async def op_reboot_hard(self, inst: VirtualInstance) -> None:
-        await self._call(self.hv.define, self._spec(inst))  # Nova regenerates the domain too
+        # Nova regenerates the domain too; the image matters only when the domain is gone
+        name = self.image_of(inst)
+        image = await self.pool_image(inst, name) if name and not await self._query(self.hv.defined,
+                                                                                      inst.metadata.uid) else name
+        await self._call(self.hv.define, self._spec(inst, image))
         await self._call(self.hv.reboot_hard, inst.metadata.uid)
 
     # ---- rescue, resize, rebuild -----------------------------------------------------
@@ -306,23 +347,54 @@ class Operations:
         await self._call(self.hv.destroy, inst.metadata.uid)
 
     async def op_rebuild_disks(self, inst: VirtualInstance) -> None:
-        image = inst.status.currentTask.targetImage or ""
+        image = await self.pool_image(inst, inst.status.currentTask.targetImage or "")
         cidata = await self.cloud_init(inst) if image else None  # the user data as the spec has it now
         await self._call(self.hv.rebuild, inst.metadata.uid, image, power_on=False, cidata=cidata)
 
     # ---- snapshot, password, delete --------------------------------------------------
+    def _snapshot_of(self, inst: VirtualInstance) -> tuple[SnapshotSource, str]:
+        """The snapshot the task on record writes: its source, and its file in the pool's catalog."""
+        meta, task = inst.metadata, inst.status.currentTask
+        source = SnapshotSource(instanceName=meta.name, instanceUID=meta.uid, actionId=task.id, node=self.node)
+        return source, snapshot_pool_name(meta.namespace, meta.uid, task.id)
+
     async def op_snapshot(self, inst: VirtualInstance) -> None:
-        await self._call(self.hv.snapshot, inst.metadata.uid, inst.spec.action.snapshotName,
-                         timeout_s=self.timeouts.disk_copy_s)
+        """The disk, flattened into this node's pool, lands as the VirtualImage `snapshotName` of
+        the instance's namespace (docs/images.md), within the namespace's snapshot quota."""
+        namespace, name = inst.metadata.namespace, inst.spec.action.snapshotName
+        source, pool_name = self._snapshot_of(inst)
+        try:
+            await self.catalog.check_snapshot(namespace, name, source)
+            if not await self._query(self.hv.images.exists, pool_name):
+                path = await self._call(self.hv.snapshot, inst.metadata.uid, pool_name,
+                                        timeout_s=self.timeouts.disk_copy_s)
+                try:
+                    await self.catalog.check_snapshot(namespace, name, source, new_bytes=path.stat().st_size)
+                except ImageUnavailable:
+                    await self._call(self.hv.images.remove, pool_name)
+                    raise
+            await self.catalog.record_snapshot(namespace, name, source, pool_name)
+        except ImageUnavailable as error:
+            raise OperationError(str(error)) from None
 
     async def op_remove_partial_snapshot(self, inst: VirtualInstance) -> str:
         """Returns a note for the user: whether the image had completed before the crash (a
         complete image is never removed: it may be one the user already relies on)."""
         name = inst.spec.action.snapshotName if inst.spec.action else None
-        await self._call(self.hv.abort_snapshot, inst.metadata.uid, name)
-        if name and await self._query(self.hv.images.exists, name):
-            return f"image {name} is complete in the pool"
+        source, pool_name = self._snapshot_of(inst)
+        await self._call(self.hv.abort_snapshot, inst.metadata.uid, pool_name)
+        if name and await self._query(self.hv.images.exists, pool_name):
+            try:
+                await self.catalog.record_snapshot(inst.metadata.namespace, name, source, pool_name)
+            except ImageUnavailable as error:
+                return str(error)
+            return f"image {name} is complete: VirtualImage {name}"
         return "partial snapshot removed; request again"
+
+    @cached_property
+    def catalog(self) -> ImageCatalog:
+        """The image catalog as this node sees it (agent/images.py)."""
+        return ImageCatalog(self.core.api_client, self.hv.images, self.node)
 
     @cached_property
     def access(self) -> Access:

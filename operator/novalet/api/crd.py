@@ -7,7 +7,13 @@ from typing import Any
 import yaml
 
 from .. import GROUP, KIND, PLURAL, VERSION
-from .models import VirtualInstanceSpec, VirtualInstanceStatus
+from .models import (
+    ClusterVirtualImageSpec,
+    VirtualImageSpec,
+    VirtualImageStatus,
+    VirtualInstanceSpec,
+    VirtualInstanceStatus,
+)
 
 DROP = {"title"}
 
@@ -109,9 +115,67 @@ def crd_manifest() -> dict[str, Any]:
     }
 
 
+# The image catalog: admins publish ClusterVirtualImages, tenants own VirtualImages (their
+# snapshots land there); an instance's spec.image names one of its namespace first.
+IMAGE_KINDS = {
+    "ClusterVirtualImage": ("clustervirtualimages", "Cluster", ["cvimg"], ClusterVirtualImageSpec,
+                            "A disk image (and optional kernel + initrd) published for every namespace."),
+    "VirtualImage": ("virtualimages", "Namespaced", ["vimg"], VirtualImageSpec,
+                     "A disk image (and optional kernel + initrd) of one namespace: its own or its snapshots."),
+}
+
+
+def image_crd_manifest(kind: str) -> dict[str, Any]:
+    plural, scope, short, spec, description = IMAGE_KINDS[kind]
+    columns = [("Source", ".spec.source.http.url", 1), ("Snapshot Of", ".spec.source.snapshot.instanceName", 1),
+               ("Node", ".status.nodes[0].node", 0), ("Phase", ".status.nodes[0].phase", 0),
+               ("Progress", ".status.nodes[0].progress", 0)]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": scope,
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower(), "listKind": f"{kind}List",
+                      "shortNames": short, "categories": ["novalet"]},
+            "versions": [{
+                "name": VERSION, "served": True, "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [
+                    *({"name": n, "type": "string", "jsonPath": p, **({"priority": 1} if wide else {})}
+                      for n, p, wide in columns),
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                ],
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": description,
+                    "properties": {
+                        "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "spec": schema_of(spec),
+                        "status": schema_of(VirtualImageStatus),
+                    },
+                    "required": ["spec"],
+                }},
+            }],
+        },
+    }
+
+
+HEADER = "# Generated from operator/novalet/api/models.py by `novalet crd`. Do not edit.\n"
+
+
+def _dump(manifest: dict[str, Any]) -> str:
+    return HEADER + yaml.dump(manifest, Dumper=_NoAliases, sort_keys=False, width=100)
+
+
 def crd_yaml() -> str:
-    header = "# Generated from operator/novalet/api/models.py by `novalet crd`. Do not edit.\n"
-    return header + yaml.dump(crd_manifest(), Dumper=_NoAliases, sort_keys=False, width=100)
+    return _dump(crd_manifest())
+
+
+def image_crd_yaml(kind: str) -> str:
+    return _dump(image_crd_manifest(kind))
 
 
 class _NoAliases(yaml.SafeDumper):

@@ -240,3 +240,82 @@ class VirtualInstance(BaseModel):
     metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: VirtualInstanceSpec
     status: VirtualInstanceStatus = Field(default_factory=VirtualInstanceStatus)
+
+
+# ---------------------------------------------------------------------------- the image catalog
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+URL_PATTERN = r"^https?://[^\s]+$"
+
+
+class HttpFile(Model):
+    url: str = Field(max_length=2048, pattern=URL_PATTERN,
+                     description="An http:// or https:// URL each node's agent downloads from.")
+    sha256: str = Field(pattern=SHA256_PATTERN, description="The file's SHA-256 (64 lowercase hex digits); "
+                                                            "a download that differs is refused.")
+
+
+class SnapshotSource(Model):
+    """Written by the agent that snapshotted an instance; the image lives on that node."""
+
+    instanceName: str = Field(pattern=NAME_PATTERN, max_length=253)
+    instanceUID: str = Field(max_length=36, pattern=r"^[0-9a-f-]{36}$")
+    actionId: ActionId
+    node: str = Field(pattern=NAME_PATTERN, max_length=63)
+
+
+class ImageSource(Model):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=cel(
+        ("has(self.http) != has(self.snapshot)", "give exactly one of http or snapshot"),
+    ))
+    http: HttpFile | None = Field(default=None, description="The disk (qcow2 or raw), fetched by each node.")
+    snapshot: SnapshotSource | None = Field(
+        default=None, description="A snapshot of an instance in this namespace (set by novalet's Snapshot action).")
+
+
+class KernelBoot(Model):
+    """Direct kernel boot, like Nova's kernel_id / ramdisk_id image properties."""
+
+    kernel: HttpFile
+    initrd: HttpFile | None = None
+    cmdline: str = Field(default="", max_length=1024, pattern=r"^[ -~]*$",
+                         description="The kernel command line (printable ASCII).")
+
+
+IMMUTABLE_IMAGE = "an image's spec is immutable (its bytes back instance disks): create an image with a new name"
+
+
+class VirtualImageSpec(Model):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=cel(
+        ("self == oldSelf", IMMUTABLE_IMAGE),
+    ))
+    source: ImageSource
+    kernelBoot: KernelBoot | None = Field(default=None, description="Boot this kernel (and initrd) directly.")
+
+
+class ClusterVirtualImageSpec(VirtualImageSpec):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=cel(
+        ("self == oldSelf", IMMUTABLE_IMAGE),
+        ("has(self.source.http)", "a ClusterVirtualImage is fetched over http (snapshots are namespaced)"),
+    ))
+
+
+class NodeImageStatus(StatusModel):
+    """One node's copy of the image."""
+
+    node: str
+    phase: Literal["Pending", "Downloading", "Ready", "Failed"]
+    bytesDone: int | None = Field(default=None, description="Downloaded so far (Downloading).")
+    bytesTotal: int | None = Field(default=None, description="Size announced by the server, when it did.")
+    progress: str | None = Field(default=None, description="bytesDone of bytesTotal as a percentage.")
+    format: str | None = None
+    sizeBytes: int | None = Field(default=None, description="The disk file's size on the node.")
+    virtualSizeBytes: int | None = Field(default=None, description="The disk size the guest sees.")
+    message: str = ""
+    lastUpdateTime: datetime | None = None
+
+
+class VirtualImageStatus(StatusModel):
+    nodes: list[NodeImageStatus] = Field(
+        default_factory=list, max_length=1000,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["node"]},
+        description="Each node's copy: fetched on first use there.")

@@ -2,6 +2,7 @@
 from datetime import datetime
 
 from ..api.models import Condition, VirtualInstanceSpec, VirtualInstanceStatus
+from .catalog import downloading
 from .conditions import condition, find, set_conditions
 from .desire import declarative_action
 from .plans import EXPECTED_POWER
@@ -48,6 +49,8 @@ def readiness(status: VirtualInstanceStatus, spec: VirtualInstanceSpec | None = 
     refused = bool(last and last.result in ("Rejected", "Failed"))
     if status.taskState:
         return False, phase(status), f"{status.currentTask.name} in {status.taskState.value}" if status.currentTask else ""
+    if downloading(status):
+        return False, "WaitingForImage", downloading(status)
     if vm == V.ERROR:
         return False, "Error", last.message if last else ""
     if status.backoff is not None:
@@ -97,13 +100,16 @@ def with_presentation(status: VirtualInstanceStatus, now: datetime, spec: Virtua
     """Set phase and the Ready/Reconciling/Stalled conditions (with the generation they speak
     of, when given); keep other conditions."""
     busy = status.taskState is not None
+    fetching = downloading(status)
     is_stalled, stalled_reason, stalled_message = stalled(status, spec)
     ready, reason, message = readiness(status, spec)
     task = status.currentTask
     ours = {
         "Ready": _condition(status, now, "Ready", ready, reason, message, generation),
-        "Reconciling": _condition(status, now, "Reconciling", busy, status.taskState.value if busy else "Idle",
-                                  f"{task.name} in {status.taskState.value}" if busy and task else "", generation),
+        "Reconciling": _condition(status, now, "Reconciling", busy or bool(fetching),
+                                  status.taskState.value if busy else "WaitingForImage" if fetching else "Idle",
+                                  f"{task.name} in {status.taskState.value}" if busy and task else fetching or "",
+                                  generation),
         "Stalled": _condition(status, now, "Stalled", is_stalled, stalled_reason, stalled_message, generation),
     }
     return set_conditions(status, *ours.values()).model_copy(update={"phase": phase(status)})

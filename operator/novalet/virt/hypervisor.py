@@ -553,6 +553,10 @@ class Hypervisor:
 
         return self._call(f"facts {uid}", fn)
 
+    def defined(self, uid: str) -> bool:
+        """Does libvirt have a domain for the instance? (one lookup)"""
+        return self._call(f"lookup {uid}", lambda conn: self._find(conn, uid) is not None)
+
     def list_instances(self) -> list[InstanceMetadata]:
         """Metadata of every domain carrying novalet metadata (defined or transient), for orphan reaping."""
 

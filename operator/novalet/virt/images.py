@@ -7,6 +7,12 @@ Pool layout (a flat directory owned by the agent)::
     <pool>/<name>.initrd                optional (like Nova's ramdisk_id)
     <pool>/<name>.cmdline               optional kernel command line (one line)
     <pool>/.<name>.qcow2.partial-*      an interrupted snapshot (removed by cleanup_partial_snapshots)
+    <pool>/catalog/<name>.*             the image catalog's copies (same layout), named by the agent
+                                        ``catalog/<name>``: a user's image name has no '/', so no
+                                        spec.image reaches them except through the catalog's rules
+
+Images placed in ``<pool>/`` by hand (preloaded) are found by name; the catalog (VirtualImage,
+ClusterVirtualImage: agent/images.py) decides which ``catalog/`` image a name means.
 
 Instance state: ``<state>/instances/<uid>/`` holds ``disk.qcow2`` (a qcow2 overlay on the pool
 image), ``disk.rescue.qcow2`` while rescued, and ``serial.log``.
@@ -26,6 +32,8 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.catalog import CATALOG  # the subdirectory (and name prefix) of the catalog's copies
+
 IMAGE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 IMAGE_FORMATS = ("qcow2", "raw")
 PARTIAL_MARK = ".partial-"
@@ -44,7 +52,9 @@ class ImageNotFound(ImageError):
 
 
 def validate_image_name(name: str) -> str:
-    if not isinstance(name, str) or not IMAGE_NAME_RE.fullmatch(name) or ".." in name:
+    """A name inside the pool, or ``catalog/<name>`` (the agent's own names for catalog images)."""
+    stem = name[len(CATALOG) + 1:] if isinstance(name, str) and name.startswith(f"{CATALOG}/") else name
+    if not isinstance(stem, str) or not IMAGE_NAME_RE.fullmatch(stem) or ".." in stem:
         raise InvalidImageName(
             f"invalid image name {name!r}: an image is a name inside the node's image pool (lowercase "
             f"letters, digits, '.', '_', '-'; 1-63 characters; starting and ending with a letter or "
@@ -98,14 +108,25 @@ class ImagePool:
         self.state_dir = Path(state_dir)
 
     # ---------------------------------------------------------------- images
-    def get(self, name: str) -> Image:
+    def locate(self, name: str) -> tuple[Path, str]:
+        """The directory and file stem of image ``name`` (``catalog/x``: the catalog's copy x)."""
         validate_image_name(name)
+        if name.startswith(f"{CATALOG}/"):
+            return self.pool / CATALOG, name[len(CATALOG) + 1:]
+        return self.pool, name
+
+    @property
+    def catalog_dir(self) -> Path:
+        return self.pool / CATALOG
+
+    def get(self, name: str) -> Image:
+        directory, stem = self.locate(name)
         for fmt in IMAGE_FORMATS:
-            p = self.pool / f"{name}.{fmt}"
+            p = directory / f"{stem}.{fmt}"
             if p.is_file():
-                kernel = self.pool / f"{name}.kernel"
-                initrd = self.pool / f"{name}.initrd"
-                cmdline = self.pool / f"{name}.cmdline"
+                kernel = directory / f"{stem}.kernel"
+                initrd = directory / f"{stem}.initrd"
+                cmdline = directory / f"{stem}.cmdline"
                 return Image(
                     name=name, path=p, format=fmt,
                     kernel=kernel if kernel.is_file() else None,
@@ -120,6 +141,12 @@ class ImagePool:
             return True
         except ImageNotFound:
             return False
+
+    def remove(self, name: str) -> None:
+        """Remove image `name` and its sidecars (a refused snapshot); idempotent."""
+        directory, stem = self.locate(name)
+        for suffix in (*IMAGE_FORMATS, "kernel", "initrd", "cmdline", "sha256", "kernel.sha256", "initrd.sha256"):
+            (directory / f"{stem}.{suffix}").unlink(missing_ok=True)
 
     def list(self) -> list[str]:
         names = set()
@@ -210,15 +237,15 @@ class ImagePool:
         only a partial file that :meth:`cleanup_partial_snapshots` removes. Kernel sidecars of the
         source image are copied too. Refuses to overwrite an existing image.
         """
-        validate_image_name(snapshot_name)
+        directory, stem = self.locate(snapshot_name)
         if self.exists(snapshot_name):
             raise ImageError(f"image {snapshot_name!r} already exists in the pool; choose another snapshot name")
         if not disk.is_file():
             raise ImageError(f"instance disk {disk} does not exist")
         src = self.get(source_image) if source_image else None
-        self.pool.mkdir(parents=True, exist_ok=True)
-        final = self.pool / f"{snapshot_name}.qcow2"
-        tmp = self.pool / f".{snapshot_name}.qcow2{PARTIAL_MARK}{uuidlib.uuid4().hex[:8]}"
+        directory.mkdir(parents=True, exist_ok=True)
+        final = directory / f"{stem}.qcow2"
+        tmp = directory / f".{stem}.qcow2{PARTIAL_MARK}{uuidlib.uuid4().hex[:8]}"
         try:
             args = ["convert", "-q", "-O", "qcow2"]
             if force_share:
@@ -228,9 +255,9 @@ class ImagePool:
                 for attr, ext in (("kernel", "kernel"), ("initrd", "initrd")):
                     p = getattr(src, attr)
                     if p is not None:
-                        link_or_copy(p, self.pool / f"{snapshot_name}.{ext}")
+                        link_or_copy(p, directory / f"{stem}.{ext}")
                 if src.cmdline is not None:
-                    (self.pool / f"{snapshot_name}.cmdline").write_text(src.cmdline + "\n")
+                    (directory / f"{stem}.cmdline").write_text(src.cmdline + "\n")
             os.rename(tmp, final)  # last: the image appears complete or not at all
         finally:
             tmp.unlink(missing_ok=True)
@@ -239,17 +266,18 @@ class ImagePool:
     def cleanup_partial_snapshots(self, snapshot_name: str | None = None) -> list[Path]:
         """Remove partial files left by interrupted snapshots (all, or those of one name)."""
         removed = []
-        if not self.pool.is_dir():
+        directory, stem = self.locate(snapshot_name) if snapshot_name else (self.pool, "")
+        if not directory.is_dir():
             return removed
-        prefix = f".{validate_image_name(snapshot_name)}." if snapshot_name else "."
-        for p in self.pool.iterdir():
+        prefix = f".{stem}." if snapshot_name else "."
+        for p in directory.iterdir():
             if p.name.startswith(prefix) and PARTIAL_MARK in p.name:
                 p.unlink(missing_ok=True)
                 removed.append(p)
         # sidecars copied before an interruption, with no image next to them
         if snapshot_name and not self.exists(snapshot_name):
             for ext in ("kernel", "initrd", "cmdline"):
-                p = self.pool / f"{snapshot_name}.{ext}"
+                p = directory / f"{stem}.{ext}"
                 if p.exists():
                     p.unlink()
                     removed.append(p)
