@@ -1,10 +1,15 @@
 """Guests on the network, with their user data: real agents build tiny guests (virtio-net, DHCP,
 an HTTP server answering its uid and its cidata files) on the local stack's libvirt network, which
 lives in the stack's own network namespace; the test reaches them only from inside it
-(`guest_netns`, as `novalet dev exec` does). Real apiserver, libvirtd, dnsmasq and QEMU."""
+(`guest_netns`, as `novalet dev exec` does), or from another guest (its shell driven through
+`novalet console`). Real apiserver, libvirtd, dnsmasq and QEMU."""
 import asyncio
 import base64
 import json
+import os
+import re
+import sys
+import time
 
 import pytest
 import yaml
@@ -15,6 +20,7 @@ from novalet.core.interfaces import mac_address
 
 from .conftest import TINY
 from .harness import status_of, unique_node
+from .test_console import Terminal, shell_answers
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 FLAVOR = {"vcpus": 1, "memoryMiB": 128}
@@ -46,7 +52,25 @@ async def wait_address(instances, agents, name: str = "vm") -> dict:
     return await instances.wait(name, address, timeout=120, what="a DHCP address in status", agents=agents)
 
 
-async def test_a_guest_gets_its_address_by_dhcp_and_keeps_it(instances, agents, guest_netns, control_plane):
+async def fetch_in_guest(term: Terminal, url: str, timeout: float = 60.0) -> str:
+    """GET url with busybox wget, typed into the guest's shell on its console, until it answers:
+    the body as the guest's shell printed it, between brackets (the typed line echoed back holds
+    `[$(timeout`, never a bracketed answer)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        start = len(term.shown())
+        term.type(f'echo "[$(timeout 5 wget -q -O - {url})]"\r'.encode())  # this wget has no -T
+        if await term.expect(b"]\r\n", 8.0, start):
+            answer = re.search(rb"\[([^]$]*)\]\r\n", term.shown(start))
+            if answer and answer.group(1):
+                return answer.group(1).decode()
+        assert term.process.poll() is None, f"the console ended: {term.shown()[-800:]!r}"
+        assert time.monotonic() < deadline, f"{url} did not answer the guest; it showed {term.shown()[-1500:]!r}"
+        await asyncio.sleep(1.0)
+
+
+async def test_a_guest_gets_its_address_by_dhcp_keeps_it_and_reaches_another(instances, agents, guest_netns,
+                                                                               control_plane, libvirt_uri):
     node = unique_node()
     agents.start(node, stop_timeout=20.0)
     created = await instances.create("vm", {"flavor": FLAVOR, "image": TINY, "nodeName": node})
@@ -73,9 +97,26 @@ async def test_a_guest_gets_its_address_by_dhcp_and_keeps_it(instances, agents, 
 
     # a second guest on the same network answers too; both are reachable on the bridge
     other = await instances.create("vm-2", {"flavor": FLAVOR, "image": TINY, "nodeName": node})
+    other_uid = other["metadata"]["uid"]
     other_ip = address(await wait_address(instances, agents, "vm-2"))
     assert other_ip != ip
-    assert (await fetch(guest_netns, f"http://{other_ip}/")).decode() == other["metadata"]["uid"]
+    assert (await fetch(guest_netns, f"http://{other_ip}/")).decode() == other_uid
+
+    # and they reach each other: from a root shell on each one's serial console (`novalet
+    # console`, as a person runs it), each guest fetches the other's address and gets its uid
+    env = {**os.environ, "KUBECONFIG": str(control_plane.kubeconfig), "LIBVIRT_DEFAULT_URI": libvirt_uri}
+    consoles = {name: Terminal([sys.executable, "-m", "novalet.cli", "console", f"{instances.namespace}/{name}"],
+                               env) for name in ("vm", "vm-2")}
+    try:
+        await asyncio.gather(*(shell_answers(term) for term in consoles.values()))
+        assert await fetch_in_guest(consoles["vm"], f"http://{other_ip}/") == other_uid
+        assert await fetch_in_guest(consoles["vm-2"], f"http://{ip}/") == uid
+        for term in consoles.values():
+            term.type(b"\x1d")  # Ctrl-]: the session ends, the console is free again
+            assert await term.exited(5) == 0, term.shown()[-800:]
+    finally:
+        for term in consoles.values():
+            term.close()
 
 
 async def test_user_data_and_keys_arrive_byte_for_byte_inline_and_from_a_secret(instances, agents, guest_netns,
