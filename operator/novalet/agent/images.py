@@ -8,8 +8,8 @@ takes a thread libvirt calls need), and status writes carrying a resourceVersion
 
 An instance never waits inside a task for a download: the engine asks `prepare` before it
 begins a create or rebuild and, while the copy is not here, records why and looks again in
-core/catalog.LOOK_AGAIN_S (the ImageReady condition says why). A fetch that failed is reported once, to the next
-look, which then fails its step with the reason: the declarative step backs off and tries again
+core/catalog.LOOK_AGAIN_S (the ImageReady condition says why). A fetch that failed is reported to the next look,
+whose step then fails with the reason (and so consumes it): the declarative step backs off and tries again
 (and with it the download), never a crash loop.
 """
 import asyncio
@@ -93,17 +93,18 @@ class ImageCatalog:
         return resolved
 
     # ---- the node's copy ---------------------------------------------------------------
-    def prepare(self, resolved: Resolved) -> str | None:
+    def prepare(self, resolved: Resolved, *, consume: bool = True) -> str | None:
         """None when the node has the image; else what an instance waits for, its download
-        started if none runs. Raises ImageUnavailable for a download that failed (once: the next
-        call downloads again) and for a snapshot whose file this node does not have."""
+        started if none runs. Raises ImageUnavailable for a snapshot whose file this node does
+        not have, and for a download that failed: until a `consume` call (the step that fails
+        with it) has reported it; the call after that downloads again."""
         key = resolved.pool_name
         if self.pool.exists(key):
             return None
         if resolved.spec is None or resolved.spec.source.snapshot is not None:
             raise ImageUnavailable(f"{resolved.title}: node {self.node} has no copy of it (its snapshot did not "
                                    "complete or was removed)")
-        failed = self._failed.pop(key, None)
+        failed = self._failed.pop(key, None) if consume else self._failed.get(key)
         if failed is not None:
             raise ImageUnavailable(failed)
         if key not in self._fetches:

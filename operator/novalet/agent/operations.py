@@ -201,7 +201,7 @@ class Operations:
         (Downloading: its download runs), or not to be had (Unavailable: the step will fail,
         saying why)? With the message for the instance's ImageReady condition."""
         try:
-            waiting = self.catalog.prepare(await self.catalog.resolve(inst.metadata.namespace, name))
+            waiting = self.catalog.prepare(await self.catalog.resolve(inst.metadata.namespace, name), consume=False)
         except ImageUnavailable as error:
             return UNAVAILABLE, str(error)
         if waiting:
