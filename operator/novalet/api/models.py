@@ -52,8 +52,9 @@ class ActionRequest(Model):
                   "ResetState", "Lock", "Unlock"]
     id: ActionId = Field(description="Unique per request; commit a new id to ask again.")
     type: Literal["Soft", "Hard"] | None = Field(default=None, description="Reboot type.")
-    snapshotName: str | None = Field(default=None, pattern=NAME_PATTERN,
-                                     description="Image name the snapshot is stored under.")
+    snapshotName: str | None = Field(default=None, pattern=r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$",
+                                     description="The VirtualImage of the instance's namespace the snapshot lands "
+                                                 "as (a DNS name; refused when taken).")
     secretRef: SecretKeyRef | None = Field(default=None, description="Where the new password is.")
     user: str | None = Field(default=None, pattern=r"^[a-z_][a-z0-9_-]{0,31}$",
                              description="Guest user for SetPassword (default root).")
@@ -94,7 +95,8 @@ class VirtualInstanceSpec(Model):
         ("!has(self.userData) || !has(self.userDataSecretRef)", "give userData or userDataSecretRef, not both"),
     ))
     flavor: Flavor
-    image: ImageName = Field(default="", description="Image in the node's pool; empty = diskless.")
+    image: ImageName = Field(default="", description="A VirtualImage of this namespace, else a ClusterVirtualImage, "
+                                                     "else an image preloaded in the node's pool; empty = diskless.")
     powerState: Literal["Running", "Stopped", "Paused", "Suspended"] = "Running"
     rescue: bool = Field(default=False, description="Boot the rescue configuration.")
     nodeName: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=63,
