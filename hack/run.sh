@@ -25,8 +25,19 @@ else
   webhook=(--webhook-port "${NOVALET_WEBHOOK_PORT:-9443}" --remove-webhook-on-exit)
 fi
 eval "$("$novalet" dev env)"
-[ -n "$user_kubeconfig" ] && export KUBECONFIG=$user_kubeconfig
-"$novalet" dev image --pool "$pool" --name tiny
+if [ -n "$user_kubeconfig" ]; then
+  export KUBECONFIG=$user_kubeconfig
+  # preloaded into this node's pool: a ClusterVirtualImage served from this machine's loopback
+  # would be a dead URL for every other node of that cluster
+  "$novalet" dev image --pool "$pool" --name tiny
+  images="the image tiny preloaded in $pool"
+else
+  # the ClusterVirtualImage tiny, served by the stack's loopback image server; the agent fetches
+  # it into $pool/catalog/ on first use (directly: Python's urllib would hand 127.0.0.1 to a proxy)
+  "$novalet" dev image --name tiny
+  export no_proxy="127.0.0.1,localhost${no_proxy:+,$no_proxy}" NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}"
+  images="ClusterVirtualImage tiny published; agent pool $pool"
+fi
 
 "$novalet" controller --state-dir "$state" "${webhook[@]}" &
 controller=$!
@@ -34,7 +45,7 @@ trap 'kill "$controller" 2>/dev/null && wait "$controller" 2>/dev/null || true' 
 
 cat <<MSG
 
-novalet is running on node "$node" (images in $pool).
+novalet is running on node "$node" ($images).
 In another shell:
   eval "\$($novalet dev env)"$( [ -n "$user_kubeconfig" ] && echo "; export KUBECONFIG=$user_kubeconfig")
   kubectl apply -f examples/tiny.yaml        # a real tiny Linux guest

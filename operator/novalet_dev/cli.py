@@ -1,9 +1,12 @@
-"""`novalet dev up|down|status|env|exec`: the local stack (control plane + private libvirtd).
+"""`novalet dev up|down|status|env|exec|image`: the local stack (control plane + private libvirtd
++ a loopback image server).
 
 The daemons are started detached (each in its own session, pids in the state dir), so they
 outlive the command; `dev down` stops exactly those processes. The guests' network exists only
 inside the stack's network namespace (novalet_dev.libvirtd): `dev exec -- CMD...` runs a
-command there, to reach guests.
+command there, to reach guests. `dev image --name NAME` publishes the tiny guest as a
+ClusterVirtualImage served by the stack's image server (novalet_dev.images); `dev image --pool
+DIR` preloads it into an agent's pool instead.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 from .controlplane import ControlPlane, ControlPlaneError, find_bin_dir, repo_root
+from .images import ImagePublishError, ImageServer, ImageServerError
 from .libvirtd import Libvirtd, LibvirtdError, domain_type
 
 
@@ -30,8 +34,12 @@ def default_state_dir() -> Path:
     return Path(base) / "novalet-dev"
 
 
+def _state(args: argparse.Namespace) -> Path:
+    return Path(args.state_dir).absolute() if args.state_dir else default_state_dir()
+
+
 def _stack(args: argparse.Namespace) -> tuple[Path, ControlPlane, Libvirtd]:
-    state = Path(args.state_dir).absolute() if args.state_dir else default_state_dir()
+    state = _state(args)
     return state, ControlPlane(state / "kube"), Libvirtd(state / "libvirt")
 
 
@@ -63,7 +71,12 @@ def _up(args: argparse.Namespace) -> int:
             else:
                 lv.start()
                 print(f"libvirtd up: {lv.uri} (domain type {domain_type()})")
-    except (ControlPlaneError, LibvirtdError) as e:
+        if not args.no_kube:  # what `dev image --name` publishes from
+            srv = ImageServer(state)
+            was_up = srv.is_running() and srv.healthy()
+            srv.start()
+            print(f"image server {'already ' if was_up else ''}up: {srv.base}/ (serving {srv.root})")
+    except (ControlPlaneError, LibvirtdError, ImageServerError) as e:
         _err(str(e))
         return 1
     print(f"ready in {time.monotonic() - t0:.1f}s; run: eval \"$(novalet dev env)\"")
@@ -71,28 +84,32 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    _, cp, lv = _stack(args)
-    was = cp.is_running() or lv.is_running()
+    state, cp, lv = _stack(args)
+    srv = ImageServer(state)
+    was = cp.is_running() or lv.is_running() or srv.is_running()
     lv.stop(destroy_domains=not args.keep_guests)
     cp.stop()
+    srv.stop()
     print("stopped" if was else "not running")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     state, cp, lv = _stack(args)
-    cps, lvs = cp.status(), lv.status()
+    cps, lvs, srvs = cp.status(), lv.status(), ImageServer(state).status()
+    # the image server is not counted: `dev image` starts it when it is not running
     ok = all(c["running"] and c.get("healthy") for c in cps["components"].values()) and lvs["healthy"]
     if args.json:
-        print(json.dumps({"state_dir": str(state), "up": ok, "controlplane": cps, "libvirtd": lvs}, indent=2))
+        print(json.dumps({"state_dir": str(state), "up": ok, "controlplane": cps, "libvirtd": lvs,
+                          "image_server": srvs}, indent=2))
         return 0 if ok else 3
     print(f"state dir: {state}")
-    rows = [(n, c) for n, c in cps["components"].items()] + [("libvirtd", lvs)]
+    rows = [(n, c) for n, c in cps["components"].items()] + [("libvirtd", lvs), ("image-server", srvs)]
     for name, c in rows:
         if not c["running"]:
             print(f"  {name:<24} stopped")
             continue
-        where = f"port {c['port']}" if c.get("port") else (c.get("uri") or "")
+        where = c.get("url") or (f"port {c['port']}" if c.get("port") else (c.get("uri") or ""))
         health = "healthy" if c.get("healthy") else "UNHEALTHY"
         print(f"  {name:<24} pid {c['pid']:<8} {health:<9} {where}  (log {c['log']})")
     if cps["server"]:
@@ -145,14 +162,27 @@ def _exec(args: argparse.Namespace) -> int:
 
 def _image(args: argparse.Namespace) -> int:
     from .guest import GuestBuildError, build_tiny_image
+    from .images import check_name, publish_tiny, stack_control_plane
 
-    args.pool.mkdir(parents=True, exist_ok=True)
+    if args.pool is not None:  # preloaded by hand: the agent finds it in its --image-pool
+        args.pool.mkdir(parents=True, exist_ok=True)
+        try:
+            build_tiny_image(args.pool, args.name)
+        except (GuestBuildError, ValueError) as e:
+            _err(str(e))
+            return 1
+        print(f"image {args.name} ready in {args.pool}")
+        return 0
+    state = _state(args)
     try:
-        build_tiny_image(args.pool, args.name)
-    except GuestBuildError as e:
+        check_name(args.name)
+        published = publish_tiny(stack_control_plane(state), ImageServer(state), args.name)
+    except (ImagePublishError, ControlPlaneError) as e:
         _err(str(e))
         return 1
-    print(f"image {args.name} ready in {args.pool}")
+    http = published.spec["source"]["http"]
+    print(f"ClusterVirtualImage {published.name} {published.action}: {http['url']} (sha256 {http['sha256']}), "
+          f"with its .kernel and .initrd; instances with image: {published.name} use it")
     return 0
 
 
@@ -197,9 +227,19 @@ def add_dev_commands(subparsers) -> argparse.ArgumentParser:
                         help="the command and its arguments (exit status passed through)")
     run_in.set_defaults(func=_exec)
 
-    image = dev_sub.add_parser("image", help="put the tiny test guest (Debian kernel + busybox) into an "
-                                             "image pool")
-    image.add_argument("--pool", type=Path, required=True, help="the agent's --image-pool directory")
+    image = dev_sub.add_parser(
+        "image", help="the tiny test guest (Debian kernel + busybox): published on the running stack as a "
+                      "ClusterVirtualImage, or with --pool preloaded into an agent's image pool",
+        description="Without --pool: build the tiny guest, serve its disk, kernel and initrd from the stack's "
+                    "loopback image server (<state>/images-http/, started if it is not running) and create the "
+                    "ClusterVirtualImage NAME naming their URLs and sha256s on the stack's apiserver; each agent "
+                    "fetches it on first use. Publishing the same bytes again changes nothing; a NAME taken by "
+                    "another spec is an error (an image's spec is immutable: delete it first). With --pool DIR: "
+                    "write NAME.qcow2/.kernel/.initrd/.cmdline into that directory (an image preloaded by hand, "
+                    "found by the agent whose --image-pool it is; no apiserver involved).")
+    common(image)
+    image.add_argument("--pool", type=Path, default=None,
+                       help="preload into this agent --image-pool directory instead of publishing")
     image.add_argument("--name", default="tiny", help="image name (default: tiny)")
     image.set_defaults(func=_image)
     return dev

@@ -99,6 +99,7 @@ ON_DEMAND_MODULES = {
     "vfat": ("vfat", "nls_cp437", "nls_ascii"),  # + fat; FAT's default codepage and iocharset
 }
 DEFAULT_CMDLINE = "console=ttyS0 quiet loglevel=3 novalet.guest=tiny"
+DISK_SIZE = "16M"  # the empty qcow2 of the tiny image (the guest runs from its initramfs)
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /bin /sbin /usr/bin /usr/sbin
@@ -599,10 +600,16 @@ def build_tiny_image(pool: Path, name: str) -> None:
     if not disk.exists():
         tmp = pool / f".{name}.qcow2.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            _run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp), "16M"])
+            create_empty_disk(tmp)
             tmp.rename(disk)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def create_empty_disk(path: Path) -> None:
+    """The tiny guest's disk: an empty qcow2 of DISK_SIZE (``qemu-img create`` writes the same
+    bytes every time, so the same sha256)."""
+    _run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), DISK_SIZE])
 
 
 def count_markers(serial_log: Path, marker: str = MARKER) -> int:
