@@ -117,12 +117,13 @@ def test_helm_lint(helm):
 def test_helm_template_renders(helm):
     docs = _docs(helm("template", "rel", str(CHART), "--namespace", "nv", "--include-crds").stdout)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["CustomResourceDefinition", "ServiceAccount", "ServiceAccount", "ClusterRole",
+    assert kinds == sorted(["CustomResourceDefinition"] * 3 + ["ServiceAccount", "ServiceAccount", "ClusterRole",
                             "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
                             "Role", "Role", "RoleBinding", "RoleBinding", "DaemonSet", "Deployment", "Service",
                             "Secret", "ValidatingWebhookConfiguration", *POLICY_KINDS]), kinds
-    crd = _one(docs, "CustomResourceDefinition")
-    assert crd == yaml.safe_load((REPO / "crds" / CRD_FILE).read_text())
+    crds = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
+    for plural in ("virtualinstances", "virtualimages", "clustervirtualimages"):  # the instances' and the catalog's
+        assert crds[f"{plural}.novalet.io"] == yaml.safe_load((REPO / "crds" / f"novalet.io_{plural}.yaml").read_text())
 
     # the agent: one per node, its node from the downward API, unprivileged, host paths 1:1
     ds = _one(docs, "DaemonSet", "-agent")
