@@ -11,19 +11,21 @@ GENERATED = {
     "ClusterVirtualImage": ("crds/novalet.io_clustervirtualimages.yaml",
                             "charts/novalet/crds/novalet.io_clustervirtualimages.yaml"),
     "VirtualImage": ("crds/novalet.io_virtualimages.yaml", "charts/novalet/crds/novalet.io_virtualimages.yaml"),
+    "Hypervisor": ("crds/novalet.io_hypervisors.yaml", "charts/novalet/crds/novalet.io_hypervisors.yaml"),
     "policies": ("crds/novalet.io_admission-policies.yaml",
                  "charts/novalet/files/novalet.io_admission-policies.yaml"),
 }
 
 
 def _crd(args: argparse.Namespace) -> int:
-    from .api.crd import crd_yaml, image_crd_yaml
+    from .api.crd import crd_yaml, hypervisor_crd_yaml, image_crd_yaml
     from .api.policies import policies_yaml
 
     if args.write is not None:
         root = Path(args.write)
         texts = {"crd": crd_yaml(), "policies": policies_yaml(),
-                 **{kind: image_crd_yaml(kind) for kind in ("ClusterVirtualImage", "VirtualImage")}}
+                 **{kind: image_crd_yaml(kind) for kind in ("ClusterVirtualImage", "VirtualImage")},
+                 "Hypervisor": hypervisor_crd_yaml()}
         for kind, text in texts.items():
             for path in GENERATED[kind]:
                 (root / path).parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image-pool", type=Path, default=Path("/var/lib/novalet/images"),
                      help="the node's image cache: images preloaded by hand, and catalog/ (VirtualImage and "
                           "ClusterVirtualImage copies, snapshots)")
+    run.add_argument("--vcpus", type=int, default=0, metavar="N",
+                     help="vCPUs the scheduler may place here before the ratio (default: the host's)")
+    run.add_argument("--memory-mib", type=int, default=0, metavar="M",
+                     help="memory (MiB) the scheduler may place here before the ratio (default: the host's)")
+    run.add_argument("--cpu-allocation-ratio", type=float, default=1.0, metavar="R",
+                     help="vCPUs placed per vCPU of capacity (Nova's cpu_allocation_ratio; default 1.0)")
+    run.add_argument("--memory-allocation-ratio", type=float, default=1.0, metavar="R",
+                     help="memory placed per MiB of capacity (Nova's ram_allocation_ratio; default 1.0)")
     run.add_argument("--snapshot-quota-count", type=int, default=10, metavar="N",
                      help="snapshots (VirtualImages made by Snapshot) a namespace may keep (default: 10)")
     run.add_argument("--snapshot-quota-bytes", type=_size, default=50 * 2**30, metavar="BYTES",

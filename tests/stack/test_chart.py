@@ -117,12 +117,12 @@ def test_helm_lint(helm):
 def test_helm_template_renders(helm):
     docs = _docs(helm("template", "rel", str(CHART), "--namespace", "nv", "--include-crds").stdout)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["CustomResourceDefinition"] * 3 + ["ServiceAccount", "ServiceAccount", "ClusterRole",
+    assert kinds == sorted(["CustomResourceDefinition"] * 4 + ["ServiceAccount", "ServiceAccount", "ClusterRole",
                             "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
                             "Role", "Role", "RoleBinding", "RoleBinding", "DaemonSet", "Deployment", "Service",
                             "Secret", "ValidatingWebhookConfiguration", *POLICY_KINDS]), kinds
     crds = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
-    for plural in ("virtualinstances", "virtualimages", "clustervirtualimages"):  # the instances' and the catalog's
+    for plural in ("virtualinstances", "virtualimages", "clustervirtualimages", "hypervisors"):
         assert crds[f"{plural}.novalet.io"] == yaml.safe_load((REPO / "crds" / f"novalet.io_{plural}.yaml").read_text())
 
     # the agent: one per node, its node from the downward API, unprivileged, host paths 1:1
@@ -217,6 +217,7 @@ def test_helm_template_rbac_is_least_privilege(helm):
         ("novalet.io", "virtualimages", v, "") for v in ("list", "create")} | {
         ("novalet.io", f"{kind}/status", v, "") for kind in ("virtualimages", "clustervirtualimages")
         for v in ("get", "patch")} | {
+        ("novalet.io", "hypervisors", "create", ""), ("novalet.io", "hypervisors/status", "patch", "")} | {
         ("authorization.k8s.io", "subjectaccessreviews", "create", ""),
         ("admissionregistration.k8s.io", "validatingadmissionpolicies", "get", REQUESTS_POLICY),
         ("admissionregistration.k8s.io", "validatingadmissionpolicybindings", "get", REQUESTS_POLICY),

@@ -206,3 +206,11 @@ def test_image_scopes_and_required_checksum():
     for bad in ("file:///etc/shadow", "ftp://h/x", "http://h/a b"):
         with pytest.raises(pydantic.ValidationError, match="url"):
             ClusterVirtualImageSpec.model_validate({"source": {"http": {"url": bad, "sha256": "0" * 64}}})
+
+
+def test_checked_in_hypervisor_crd_matches_the_models():
+    from novalet.api.crd import hypervisor_crd_manifest, hypervisor_crd_yaml
+
+    path = ROOT / "crds" / "novalet.io_hypervisors.yaml"
+    assert path.read_text() == hypervisor_crd_yaml(), f"{path.relative_to(ROOT)} is stale: novalet crd --write"
+    assert hypervisor_crd_manifest()["spec"]["scope"] == "Cluster"

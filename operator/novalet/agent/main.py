@@ -18,6 +18,7 @@ import kopf
 from pydantic import ValidationError
 
 from .. import GROUP, PLURAL, VERSION
+from ..api.models import AllocationRatios, Resources
 from ..core.backoff import BackoffPolicy
 from ..core.catalog import SnapshotQuota
 from ..core.fencing import LeaseTiming
@@ -34,6 +35,7 @@ from .libvirt_calls import LibvirtCalls
 from .metrics import AgentMetrics, statuses_in
 from .operations import DEFAULT_NETWORKS, LibvirtTimeouts, Operations
 from .orphans import OrphanReaper
+from .resources import ResourceTracker
 from .unreadable import Unreadable
 from .workqueue import WorkQueue
 
@@ -102,6 +104,18 @@ class Agent:
             self.args.reap_orphans, self.args.orphan_grace_seconds, self.args.max_orphans_per_sweep),
             self.lease_held.is_set)
         self.unreadable = Unreadable(events, self.node, self.fence.holds)
+        self.resources = ResourceTracker(
+            api, self.node, self.identity, capacity_of=self.node_capacity, bodies=self.store.cached,
+            pool=hypervisor.images, networks=self.networks, domain_type=kind, guard=self.fence.check,
+            ratios=AllocationRatios(cpu=self.args.cpu_allocation_ratio, memory=self.args.memory_allocation_ratio))
+        self._host: tuple[int, int] | None = None
+
+    async def node_capacity(self) -> Resources:
+        """`--vcpus` / `--memory-mib`, else the host's as libvirt says (asked once)."""
+        if self._host is None and not (self.args.vcpus and self.args.memory_mib):
+            self._host = await self.ops.host_resources()
+        cpus, memory = self._host or (0, 0)
+        return Resources(vcpus=self.args.vcpus or cpus, memoryMiB=self.args.memory_mib or memory)
 
     async def hold_lease(self) -> None:
         """Renew the node Lease every retry period; act only while the fence holds. On
@@ -286,7 +300,8 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
         settings.networking.error_backoffs = RetryForever()
         await agent.start()
         loop = asyncio.get_running_loop()
-        agent.background = [loop.create_task(agent.hold_lease()), loop.create_task(agent.resync())]
+        agent.background = [loop.create_task(agent.hold_lease()), loop.create_task(agent.resync()),
+                            loop.create_task(agent.resources.run(agent.lease_held.is_set, agent.fence.clock))]
         agent.queue.start(agent.lease_held.wait)
 
     @kopf.on.cleanup(registry=registry)

@@ -129,6 +129,10 @@ class Operations:
     async def facts(self, inst: VirtualInstance) -> Facts:
         return facts_of(await self._query(self.hv.facts, inst.metadata.uid))
 
+    async def host_resources(self) -> tuple[int, int]:
+        """The host's CPUs and memory (MiB) as libvirt sees them."""
+        return await self._query(self.hv.host_resources)
+
     def on_domain_event(self, callback) -> None:
         """Subscribe to libvirt's domain events. Subscribing opens the connection: on a libvirt
         pool thread, so a libvirtd that does not answer cannot block the agent's start (events

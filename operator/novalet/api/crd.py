@@ -9,6 +9,7 @@ import yaml
 from .. import GROUP, KIND, PLURAL, VERSION
 from .models import (
     ClusterVirtualImageSpec,
+    HypervisorStatus,
     VirtualImageSpec,
     VirtualImageStatus,
     VirtualInstanceSpec,
@@ -43,6 +44,9 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         out[key] = value if key in ("enum", "required", "pattern", "default") else _structural(value, defs)
     if "const" in out:
         out["enum"] = [out.pop("const")]
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(out.get(bound), (int, float)) and not isinstance(out[bound], bool):
+            out[limit], out[bound] = out[bound], True  # OpenAPI 3.0 (the CRD's): a flag beside the bound
     if "additionalProperties" in out and isinstance(out["additionalProperties"], bool):
         del out["additionalProperties"]  # forbid/allow: the CRD prunes what its schema lacks
     return out
@@ -161,6 +165,51 @@ def image_crd_manifest(kind: str) -> dict[str, Any]:
             }],
         },
     }
+
+
+def hypervisor_crd_manifest() -> dict[str, Any]:
+    """One per node, written by its agent: `kubectl get hypervisors` reads like `openstack
+    hypervisor list` (capacity, what is placed, what is free)."""
+    columns = [("Type", "string", ".status.domainType", 0), ("vCPUs", "integer", ".status.allocatable.vcpus", 0),
+               ("vCPUs Used", "integer", ".status.allocated.vcpus", 0),
+               ("Memory MiB", "integer", ".status.allocatable.memoryMiB", 0),
+               ("Memory MiB Used", "integer", ".status.allocated.memoryMiB", 0),
+               ("Instances", "integer", ".status.instances", 0), ("Version", "string", ".status.agentVersion", 1),
+               ("Agent", "string", ".status.agentIdentity", 1)]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"hypervisors.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Cluster",
+            "names": {"kind": "Hypervisor", "plural": "hypervisors", "singular": "hypervisor",
+                      "listKind": "HypervisorList", "shortNames": ["hv"], "categories": ["novalet"]},
+            "versions": [{
+                "name": VERSION, "served": True, "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [
+                    *({"name": n, "type": t, "jsonPath": p, **({"priority": 1} if wide else {})}
+                      for n, t, p, wide in columns),
+                    {"name": "Heartbeat", "type": "date", "jsonPath": ".status.heartbeatTime"},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                ],
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "A hypervisor node as its agent reports it: capacity, allocation, images.",
+                    "properties": {
+                        "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "status": schema_of(HypervisorStatus),
+                    },
+                }},
+            }],
+        },
+    }
+
+
+def hypervisor_crd_yaml() -> str:
+    return _dump(hypervisor_crd_manifest())
 
 
 HEADER = "# Generated from operator/novalet/api/models.py by `novalet crd`. Do not edit.\n"

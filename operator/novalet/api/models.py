@@ -321,3 +321,34 @@ class VirtualImageStatus(StatusModel):
         default_factory=list, max_length=1000,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["node"]},
         description="Each node's copy: fetched on first use there.")
+
+
+# ---------------------------------------------------------------------------- hypervisors
+class Resources(StatusModel):
+    vcpus: int = Field(ge=0)
+    memoryMiB: int = Field(ge=0)
+
+
+class AllocationRatios(StatusModel):
+    """Nova's cpu_allocation_ratio / ram_allocation_ratio: what may be placed per physical unit."""
+
+    cpu: float = Field(default=1.0, gt=0)
+    memory: float = Field(default=1.0, gt=0)
+
+
+class HypervisorStatus(StatusModel):
+    """A node as its agent reports it (Nova's compute node record, KubeVirt's node labels)."""
+
+    capacity: Resources | None = Field(default=None, description="The host's (or the agent's --vcpus/--memory-mib).")
+    allocationRatios: AllocationRatios | None = None
+    allocatable: Resources | None = Field(default=None, description="capacity x allocation ratio.")
+    allocated: Resources | None = Field(default=None, description="The flavors of the instances placed here.")
+    free: Resources | None = Field(default=None, description="allocatable - allocated (never below 0).")
+    instances: int = 0
+    domainType: str | None = Field(default=None, description="kvm or qemu (TCG).")
+    agentVersion: str | None = None
+    agentIdentity: str | None = Field(default=None, description="The agent holding the node's Lease.")
+    heartbeatTime: datetime | None = Field(default=None, description="The agent's last report (every 30 s).")
+    imagesCached: list[str] = Field(default_factory=list, max_length=500,
+                                    description="Images on the node: preloaded names, catalog copies.")
+    networks: list[str] = Field(default_factory=list, max_length=64, description="Networks it provides.")

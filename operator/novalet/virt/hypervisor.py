@@ -553,6 +553,11 @@ class Hypervisor:
 
         return self._call(f"facts {uid}", fn)
 
+    def host_resources(self) -> tuple[int, int]:
+        """The host's CPUs and memory in MiB, as libvirt sees them (virNodeGetInfo)."""
+        info = self._call("node info", lambda conn: conn.getInfo())
+        return int(info[2]), int(info[1])
+
     def defined(self, uid: str) -> bool:
         """Does libvirt have a domain for the instance? (one lookup)"""
         return self._call(f"lookup {uid}", lambda conn: self._find(conn, uid) is not None)

@@ -1,0 +1,53 @@
+"""A node's capacity and what is placed on it (Nova's resource tracker). Pure.
+
+| figure      | is                                                                        |
+|-------------|---------------------------------------------------------------------------|
+| capacity    | the host's vCPUs and memory, or less when the agent is told so            |
+| allocatable | capacity x allocation ratio (Nova's cpu/ram_allocation_ratio; 1.0 default)|
+| allocated   | the flavors of every instance placed on the node, whatever its state      |
+| free        | allocatable - allocated, never below 0                                    |
+
+An instance holds its flavor from its placement until its object is gone: a stopped, shelved
+or errored instance keeps its place (as in Nova), and during a resize it holds the larger of
+its old and new flavor, so a revert always fits.
+"""
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from ..api.models import AllocationRatios, Flavor, Resources
+
+
+def allocatable(capacity: Resources, ratios: AllocationRatios) -> Resources:
+    return Resources(vcpus=math.floor(capacity.vcpus * ratios.cpu + 1e-9),
+                     memoryMiB=math.floor(capacity.memoryMiB * ratios.memory + 1e-9))
+
+
+def held(body: dict[str, Any]) -> Resources:
+    """What one instance holds on its node (module doc)."""
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    task = status.get("currentTask") or {}
+    flavors = [Flavor.model_validate(f) for f in (status.get("flavor") or spec.get("flavor"),
+                                                   task.get("targetFlavor"),
+                                                   (status.get("resizedFrom") or {}).get("flavor")) if f]
+    return Resources(vcpus=max(f.vcpus for f in flavors), memoryMiB=max(f.memoryMiB for f in flavors))
+
+
+def allocated(bodies: Iterable[dict[str, Any]], node: str) -> tuple[Resources, int]:
+    """The sum of what the instances placed on `node` hold, and how many they are."""
+    vcpus = memory = count = 0
+    for body in bodies:
+        if (body.get("status") or {}).get("node") != node:
+            continue
+        one = held(body)
+        vcpus, memory, count = vcpus + one.vcpus, memory + one.memoryMiB, count + 1
+    return Resources(vcpus=vcpus, memoryMiB=memory), count
+
+
+def free(allocatable_: Resources, allocated_: Resources) -> Resources:
+    return Resources(vcpus=max(0, allocatable_.vcpus - allocated_.vcpus),
+                     memoryMiB=max(0, allocatable_.memoryMiB - allocated_.memoryMiB))
+
+
+def fits(free_: Resources, flavor: Flavor) -> bool:
+    return flavor.vcpus <= free_.vcpus and flavor.memoryMiB <= free_.memoryMiB
