@@ -6,7 +6,9 @@ outlive the command; `dev down` stops exactly those processes. The guests' netwo
 inside the stack's network namespace (novalet_dev.libvirtd): `dev exec -- CMD...` runs a
 command there, to reach guests. `dev image --name NAME` publishes the tiny guest as a
 ClusterVirtualImage served by the stack's image server (novalet_dev.images); `dev image --pool
-DIR` preloads it into an agent's pool instead.
+DIR` preloads it into an agent's pool instead. `dev up --hosts N` runs N hypervisor hosts, each
+a private libvirtd of its own (novalet_dev.hosts); `--host NAME` picks one for `dev env` and
+`dev exec`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 from .controlplane import ControlPlane, ControlPlaneError, find_bin_dir, repo_root
+from .hosts import MAX_HOSTS, Host, Hosts, host_index
 from .images import ImagePublishError, ImageServer, ImageServerError
 from .libvirtd import Libvirtd, LibvirtdError, domain_type
 
@@ -47,9 +50,37 @@ def _err(msg: str) -> None:
     print(f"novalet dev: {msg}", file=sys.stderr)
 
 
+def _host(args: argparse.Namespace) -> Host:
+    """The host `--host NAME` names (host-1, the stack's libvirtd of old, by default)."""
+    return Hosts(_state(args)).host(args.host or "host-1")
+
+
+def _hosts_arg(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_HOSTS:
+        raise argparse.ArgumentTypeError(f"a number of hosts from 1 to {MAX_HOSTS}, not {text!r}")
+    return count
+
+
+def _host_arg(text: str) -> str:
+    try:
+        host_index(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip()
+
+
+def _network_text(host: Host) -> str:
+    net = host.network
+    return f"network {net.name}: bridge {net.bridge}, {net.gateway}/24"
+
+
 def _up(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    state, cp, lv = _stack(args)
+    state, cp, _ = _stack(args)
     state.mkdir(parents=True, exist_ok=True)
     try:
         if args.no_kube:
@@ -66,17 +97,25 @@ def _up(args: argparse.Namespace) -> int:
             files = cp.apply_crds(Path(args.crds) if args.crds else None)
             print(f"CRDs applied: {', '.join(f.name for f in files) or '(none found)'}")
         if not args.no_libvirt:
-            if lv.is_running() and lv.healthy():
-                print(f"libvirtd already up: {lv.uri}")
-            else:
-                lv.start()
-                print(f"libvirtd up: {lv.uri} (domain type {domain_type()})")
+            def started(host: Host, was_up: bool) -> None:
+                if host.index == 1:  # as a one-host stack always said
+                    print(f"libvirtd already up: {host.uri}" if was_up
+                          else f"libvirtd up: {host.uri} (domain type {domain_type()})")
+                else:
+                    print(f"libvirtd {host.name} {'already ' if was_up else ''}up: {host.uri} ({_network_text(host)})")
+
+            hosts = Hosts(state)
+            wanted = args.hosts or 1
+            hosts.up(wanted, started=started)
+            others = [h.name for h in hosts.listed() if h.index > wanted and h.libvirtd.is_running()]
+            if others:
+                print(f"also running: {', '.join(others)} (`novalet dev down` stops every host)")
         if not args.no_kube:  # what `dev image --name` publishes from
             srv = ImageServer(state)
             was_up = srv.is_running() and srv.healthy()
             srv.start()
             print(f"image server {'already ' if was_up else ''}up: {srv.base}/ (serving {srv.root})")
-    except (ControlPlaneError, LibvirtdError, ImageServerError) as e:
+    except (ControlPlaneError, LibvirtdError, ImageServerError, ValueError) as e:
         _err(str(e))
         return 1
     print(f"ready in {time.monotonic() - t0:.1f}s; run: eval \"$(novalet dev env)\"")
@@ -87,7 +126,7 @@ def _down(args: argparse.Namespace) -> int:
     state, cp, lv = _stack(args)
     srv = ImageServer(state)
     was = cp.is_running() or lv.is_running() or srv.is_running()
-    lv.stop(destroy_domains=not args.keep_guests)
+    was = bool(Hosts(state).down(destroy_domains=not args.keep_guests)) or was  # host-1 is lv
     cp.stop()
     srv.stop()
     print("stopped" if was else "not running")
@@ -95,16 +134,20 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    state, cp, lv = _stack(args)
-    cps, lvs, srvs = cp.status(), lv.status(), ImageServer(state).status()
+    state, cp, _ = _stack(args)
+    cps, srvs = cp.status(), ImageServer(state).status()
+    hosts = [h.status() for h in Hosts(state).listed()]  # host-1 first: the stack's libvirtd
+    lvs = hosts[0]
     # the image server is not counted: `dev image` starts it when it is not running
-    ok = all(c["running"] and c.get("healthy") for c in cps["components"].values()) and lvs["healthy"]
+    ok = all(c["running"] and c.get("healthy") for c in cps["components"].values()) and \
+        all(h["healthy"] for h in hosts)
     if args.json:
         print(json.dumps({"state_dir": str(state), "up": ok, "controlplane": cps, "libvirtd": lvs,
-                          "image_server": srvs}, indent=2))
+                          "hosts": hosts, "image_server": srvs}, indent=2))
         return 0 if ok else 3
     print(f"state dir: {state}")
-    rows = [(n, c) for n, c in cps["components"].items()] + [("libvirtd", lvs), ("image-server", srvs)]
+    rows = [(n, c) for n, c in cps["components"].items()] + [("libvirtd", lvs)] + \
+        [(f"libvirtd {h['host']}", h) for h in hosts[1:]] + [("image-server", srvs)]
     for name, c in rows:
         if not c["running"]:
             print(f"  {name:<24} stopped")
@@ -119,20 +162,35 @@ def _status(args: argparse.Namespace) -> int:
         net = lvs["network"]
         print(f"  guest network: {net['name']} (bridge {net['bridge']}, {net['address']}) in the network "
               f"namespace {lvs['netns']}: `novalet dev exec -- CMD` runs CMD there")
+    print(f"  hosts ({len(hosts)}; `novalet dev env --host NAME`, `novalet dev exec --host NAME -- CMD`):")
+    for h in hosts:
+        net = h["network"]
+        state_word = ("up" if h["healthy"] else "UNHEALTHY") if h["running"] else "stopped"
+        print(f"    {h['host']:<8} {state_word:<9} host uuid {h['host_uuid'] or '-'}  network {net['name']} "
+              f"(bridge {net['bridge']}, {net['address']})  {h['uri']}")
     return 0 if ok else 3
 
 
 def _env(args: argparse.Namespace) -> int:
-    _, cp, lv = _stack(args)
-    if not cp.kubeconfig.exists():
+    _, cp, _ = _stack(args)
+    host = _host(args)
+    lv = host.libvirtd
+    if args.host is not None and not host.exists():
+        _err(f"{host.name} was never started here: run `novalet dev up --hosts {host.index}`")
+        return 1
+    if not cp.kubeconfig.exists() and not host.exists():
         _err("the stack was never started here: run `novalet dev up`")
         return 1
-    print(f"export KUBECONFIG={shlex.quote(str(cp.kubeconfig))}")
+    if cp.kubeconfig.exists():  # a `--no-kube` stack (a cluster of your own) has none
+        print(f"export KUBECONFIG={shlex.quote(str(cp.kubeconfig))}")
     print(f"export LIBVIRT_DEFAULT_URI={shlex.quote(lv.uri)}")
     # kubectl, helm, and this environment's scripts: `kubectl novalet` is kubectl-novalet found there
     dirs = [str(d) for d in (cp.known_bin_dir, Path(sys.executable).parent) if d]
     print(f"export PATH={shlex.quote(os.pathsep.join(dirs))}:\"$PATH\"")
-    if not (cp.is_running() and lv.is_running()):
+    if args.host is not None:
+        if not lv.is_running():
+            _err(f"warning: {host.name} is not running: run `novalet dev up --hosts {host.index}`")
+    elif not (cp.is_running() and lv.is_running()):
         _err("warning: the stack is not (fully) running: run `novalet dev up`")
     return 0
 
@@ -140,18 +198,21 @@ def _env(args: argparse.Namespace) -> int:
 def _exec(args: argparse.Namespace) -> int:
     """Replace this process with CMD inside the stack's network namespace (nsenter), so its
     exit status, signals and terminal are CMD's own. An argv list: no shell in between."""
-    _, _, lv = _stack(args)
+    host = _host(args)
+    lv = host.libvirtd
     argv = list(args.cmd)
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
-        _err("usage: novalet dev exec [--state-dir DIR] -- CMD [ARG...]")
+        _err("usage: novalet dev exec [--state-dir DIR] [--host NAME] -- CMD [ARG...]")
         return 2
     if os.geteuid() != 0:
         _err("joining the stack's network namespace needs root: run it as root or via sudo")
         return 1
     if not lv.netns_exists():
-        _err(f"the stack's network namespace ({lv.netns_path}) is not there: run `novalet dev up`")
+        up = "novalet dev up" + (f" --hosts {host.index}" if host.index > 1 else "")
+        _err(f"{'the stack' if host.index == 1 else host.name}'s network namespace ({lv.netns_path}) is not "
+             f"there: run `{up}`")
         return 1
     command = lv.netns_command(argv)
     sys.stdout.flush()
@@ -203,6 +264,10 @@ def add_dev_commands(subparsers) -> argparse.ArgumentParser:
                     help="do not start the control plane (libvirtd only: for a cluster of your own)")
     up.add_argument("--no-crds", action="store_true", help="do not install the CRDs")
     up.add_argument("--crds", default=None, help="directory of CRD YAML files (default: <repo>/crds)")
+    up.add_argument("--hosts", type=_hosts_arg, default=None, metavar="N",
+                    help="run N hypervisor hosts, host-1 ... host-N, each a private libvirtd with its own host "
+                         "UUID, state, network namespace and guest network (default 1: the stack's libvirtd); "
+                         "on a running stack, adds the missing ones")
     up.set_defaults(func=_up)
 
     down = dev_sub.add_parser("down", help="stop the stack started by `dev up`")
@@ -216,13 +281,19 @@ def add_dev_commands(subparsers) -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_status)
 
+    def host_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", type=_host_arg, default=None, metavar="NAME",
+                       help="the host, host-1 ... host-N of `dev up --hosts N` (default host-1)")
+
     env = dev_sub.add_parser("env", help="print shell exports: eval \"$(novalet dev env)\"")
     common(env)
+    host_option(env)
     env.set_defaults(func=_env)
 
     run_in = dev_sub.add_parser("exec", help="run a command inside the stack's network namespace, where the "
                                              "guests' network is: novalet dev exec -- CMD [ARG...]")
     common(run_in)
+    host_option(run_in)
     run_in.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
                         help="the command and its arguments (exit status passed through)")
     run_in.set_defaults(func=_exec)

@@ -53,6 +53,12 @@ No path is ever put into a shell script: the namespace's first process is ``nsex
 gets the paths as argv entries and execs libvirtd; paths in libvirtd.conf are quoted for its
 parser, and a path it cannot quote is refused.
 
+Each daemon has a libvirt host UUID of its own (``host_uuid`` in libvirtd.conf, made once and
+kept in ``<state>/host-uuid``) instead of the machine's SMBIOS one, so several private daemons on
+one machine (``novalet dev up --hosts N``, novalet_dev.hosts) are distinct hosts to libvirt, as a
+migration between them needs. Each also has its own network namespace and guest network
+(``GuestNetwork``: the same name ``default``, another bridge and subnet per host).
+
 Other choices: ``security_driver = "none"``, QEMU runs as root, no QEMU mount namespace
 (``namespaces = [ ]``), ``stdio_handler = "file"`` (no virtlogd, whose socket would sit in the
 private /run/libvirt), and the Debian build refuses to initialise the QEMU driver unless the user
@@ -77,6 +83,8 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from novalet.virt.kvm import cache_root, domain_type, kvm_probe_file
@@ -85,9 +93,11 @@ from .processes import log_tail, pid_alive, proc_cmdline
 
 __all__ = [
     "BRIDGE",
+    "DEFAULT_NETWORK",
     "GATEWAY",
     "NETWORK_NAME",
     "NETWORK_XML",
+    "GuestNetwork",
     "Libvirtd",
     "LibvirtdError",
     "cache_root",
@@ -109,21 +119,50 @@ BIND_MOUNTS = {
 # The guest network, built by libvirt's network driver inside the stack's network namespace
 # (module docstring). Forward mode "open": no firewall rule anywhere, and nothing to forward to,
 # since the namespace has no interface but lo and this bridge (no uplink, no veth to the host).
+# Each host of a several-host stack (novalet_dev.hosts) has one of its own, in its own namespace:
+# the same name, another bridge and subnet.
 NETWORK_NAME = "default"
-BRIDGE = "virbr-nv0"
-GATEWAY = "192.168.177.1"
-NETWORK_XML = f"""<network>
-  <name>{NETWORK_NAME}</name>
+
+
+@dataclass(frozen=True)
+class GuestNetwork:
+    """A libvirt network with DHCP on a /24: ``<prefix>.1`` the bridge's address, leases from
+    ``<prefix>.10``."""
+
+    bridge: str
+    prefix: str  # the first three octets, e.g. "192.168.177"
+    name: str = NETWORK_NAME
+
+    @property
+    def gateway(self) -> str:
+        return f"{self.prefix}.1"
+
+    @property
+    def subnet(self) -> str:
+        return f"{self.prefix}.0/24"
+
+    def xml(self) -> str:
+        return f"""<network>
+  <name>{self.name}</name>
   <forward mode='open'/>
-  <bridge name='{BRIDGE}' stp='off' delay='0'/>
+  <bridge name='{self.bridge}' stp='off' delay='0'/>
   <dns enable='no'/>
-  <ip address='{GATEWAY}' netmask='255.255.255.0'>
+  <ip address='{self.gateway}' netmask='255.255.255.0'>
     <dhcp>
-      <range start='192.168.177.10' end='192.168.177.254'/>
+      <range start='{self.prefix}.10' end='{self.prefix}.254'/>
     </dhcp>
   </ip>
 </network>
 """
+
+    def describe(self) -> dict:
+        return {"name": self.name, "bridge": self.bridge, "address": f"{self.gateway}/24", "subnet": self.subnet}
+
+
+DEFAULT_NETWORK = GuestNetwork(bridge="virbr-nv0", prefix="192.168.177")
+BRIDGE = DEFAULT_NETWORK.bridge
+GATEWAY = DEFAULT_NETWORK.gateway
+NETWORK_XML = DEFAULT_NETWORK.xml()
 
 
 class LibvirtdError(RuntimeError):
@@ -183,8 +222,9 @@ class Libvirtd:
     """
 
     def __init__(self, state_dir: str | os.PathLike, *, shared_caps_cache: Path | None = None,
-                 log_level: int = 3):
+                 log_level: int = 3, network: GuestNetwork = DEFAULT_NETWORK):
         self.state_dir = Path(state_dir).absolute()
+        self.network = network
         self.shared_caps_cache = shared_caps_cache or (cache_root() / "libvirt-qemu-capabilities")
         self.log_level = log_level
         self._proc: subprocess.Popen | None = None
@@ -216,6 +256,30 @@ class Libvirtd:
     @property
     def config_file(self) -> Path:
         return self.state_dir / "etc" / "libvirtd.conf"
+
+    @property
+    def host_uuid_file(self) -> Path:
+        return self.state_dir / "host-uuid"
+
+    @property
+    def host_uuid(self) -> str | None:
+        """This daemon's libvirt host UUID (libvirtd.conf ``host_uuid``; capabilities'
+        ``<host><uuid>``): made once, kept in the state dir, so every private libvirtd has one of
+        its own (libvirt refuses a migration between two daemons with the same host UUID) and a
+        restarted one keeps it. None before the first start."""
+        try:
+            return str(uuid.UUID(self.host_uuid_file.read_text().strip()))
+        except (OSError, ValueError):
+            return None
+
+    def _ensure_host_uuid(self) -> str:
+        found = self.host_uuid
+        if found is None:
+            found = str(uuid.uuid4())
+            tmp = self.host_uuid_file.with_name(f".host-uuid-{os.getpid()}")
+            tmp.write_text(found + "\n")
+            tmp.replace(self.host_uuid_file)
+        return found
 
     @property
     def netns_path(self) -> Path:
@@ -340,15 +404,16 @@ class Libvirtd:
         self._unmount_netns()
 
     def _ensure_network(self) -> None:
-        """Define (once), autostart and start the guest network ``default``."""
+        """Define (once), autostart and start the guest network ``default`` (``self.network``)."""
         import libvirt
 
+        name = self.network.name
         conn = self.connect()
         try:
-            if NETWORK_NAME in conn.listNetworks() + conn.listDefinedNetworks():
-                net = conn.networkLookupByName(NETWORK_NAME)
+            if name in conn.listNetworks() + conn.listDefinedNetworks():
+                net = conn.networkLookupByName(name)
             else:
-                net = conn.networkDefineXML(NETWORK_XML)
+                net = conn.networkDefineXML(self.network.xml())
             if not net.autostart():
                 net.setAutostart(1)
             if not net.isActive():
@@ -358,7 +423,7 @@ class Libvirtd:
                     if not net.isActive():  # not just started by libvirtd's own autostart
                         raise
         except libvirt.libvirtError as e:
-            raise LibvirtdError(f"the guest network {NETWORK_NAME!r} did not start: {e}") from e
+            raise LibvirtdError(f"the guest network {name!r} did not start: {e}") from e
         finally:
             conn.close()
 
@@ -443,8 +508,10 @@ class Libvirtd:
     def _write_config(self) -> None:
         for name in BIND_MOUNTS.values():
             (self.state_dir / name).mkdir(parents=True, exist_ok=True)
+        host_uuid = self._ensure_host_uuid()
         self.config_file.write_text(
             f"unix_sock_dir = {conf_string(self.state_dir)}\n"
+            f"host_uuid = {conf_string(host_uuid)}\n"
             f"unix_sock_group = {conf_string(SOCKET_GROUP)}\n"
             + "".join(f"{key} = {conf_string(mode)}\n" for key, mode in SOCKET_PERMS.items())
             + 'auth_unix_ro = "none"\n'
@@ -655,4 +722,4 @@ class Libvirtd:
         return {"name": "libvirtd", "pid": pid, "running": pid is not None,
                 "healthy": pid is not None and self.healthy(), "uri": self.uri,
                 "log": str(self.log_file), "netns": str(self.netns_path) if self.netns_exists() else None,
-                "network": {"name": NETWORK_NAME, "bridge": BRIDGE, "address": f"{GATEWAY}/24"}}
+                "network": self.network.describe(), "host_uuid": self.host_uuid}

@@ -4,7 +4,9 @@ Session-scoped: one control plane (``control_plane``) and one private libvirtd (
 ``libvirt_uri``) per test session, in a temporary directory, stopped at session end (its network
 namespace, guest network and guests with it); ``guest_netns`` runs commands inside that network
 namespace, the only place the guests' network ``default`` is reachable from; the CRDs
-from ``crds/`` installed once (``crds``). Per test: a fresh ``namespace`` (deleted afterwards) and
+from ``crds/`` installed once (``crds``). ``libvirt_hosts(n)`` gives n hypervisor hosts
+(novalet_dev.hosts: host-1 is the session libvirtd, the others started on first demand, each with
+its own host UUID, network namespace and guest network, stopped at session end). Per test: a fresh ``namespace`` (deleted afterwards) and
 a kubernetes_asyncio ``kube_api`` client. A missing prerequisite fails the test with what to do;
 these fixtures never skip.
 """
@@ -19,10 +21,11 @@ from pathlib import Path
 import pytest
 
 from .controlplane import ControlPlane, ControlPlaneError, find_bin_dir, repo_root
+from .hosts import MAX_HOSTS, Host, Hosts
 from .libvirtd import Libvirtd, LibvirtdError, domain_type
 
-__all__ = ["control_plane", "crds", "guest_netns", "image_pool", "kube_api", "libvirt_domain_type", "libvirt_uri",
-           "libvirtd", "namespace"]
+__all__ = ["control_plane", "crds", "guest_netns", "image_pool", "kube_api", "libvirt_domain_type", "libvirt_hosts",
+           "libvirt_uri", "libvirtd", "namespace"]
 
 TINY = "tiny"  # the tiny test guest's image name in `image_pool`
 
@@ -93,6 +96,44 @@ def libvirtd(stack_dir):
         yield daemon
     finally:
         daemon.stop(destroy_domains=True)
+
+
+@pytest.fixture(scope="session")
+def libvirt_hosts(stack_dir, libvirtd):
+    """``hosts(n=2)`` -> [Host] for host-1 ... host-n of the session's stack: ``.name``, ``.uri``,
+    ``.host_uuid``, ``.network`` (bridge, gateway, subnet), ``.image_pool`` (a directory for
+    that host's agent) and ``.libvirtd`` (``exec_in_netns``, ``restart``, ``qemu_pid``, ...).
+    host-1 is the session's ``libvirtd``; host-2 ... are started the first time a test asks for
+    them (``<stack_dir>/hosts/host-K``) and kept for the session, then stopped with their guests,
+    networks and network namespaces."""
+    hosts = Hosts(stack_dir)
+    extra: dict[int, Host] = {}
+
+    def get(n: int = 2) -> list[Host]:
+        if not 1 <= n <= MAX_HOSTS:
+            raise ValueError(f"libvirt_hosts: 1 ... {MAX_HOSTS} hosts, not {n}")
+        error = None
+        for index in range(2, n + 1):
+            if index in extra:
+                continue
+            host = hosts.host(index)
+            host.image_pool.mkdir(parents=True, exist_ok=True)
+            try:
+                host.libvirtd.start()
+            except LibvirtdError as e:
+                host.libvirtd.stop(destroy_domains=True)
+                error = f"the private libvirtd of {host.name} failed to start: {e}"
+                break
+            extra[index] = host
+        if error:
+            pytest.fail(error, pytrace=False)
+        return [hosts.host(1, libvirtd=libvirtd)] + [extra[i] for i in range(2, n + 1)]
+
+    try:
+        yield get
+    finally:
+        for index in sorted(extra, reverse=True):
+            extra[index].libvirtd.stop(destroy_domains=True)
 
 
 @pytest.fixture(scope="session")
