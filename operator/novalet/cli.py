@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true")
     run.set_defaults(func=_run)
 
-    ctl = sub.add_parser("controller", help="run the cluster controller: admission webhook, agent heartbeats")
+    ctl = sub.add_parser("controller", help="run the cluster controller: the scheduler, admission webhook, agent "
+                                            "heartbeats")
     ctl.add_argument("--webhook-port", type=int, default=0, help="serve the validating webhook (0: off)")
     ctl.add_argument("--metrics-port", type=int, default=0,
                      help="serve Prometheus metrics on this port (0: off; docs/operations.md)")
@@ -209,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--tls-key", type=Path)
     ctl.add_argument("--state-dir", type=Path, default=Path("/var/lib/novalet"))
     ctl.add_argument("--lease-namespace", default="kube-node-lease")
+    ctl.add_argument("--placement", choices=("spread", "pack"), default="spread",
+                     help="the scheduler's weigher: spread (most free memory first, the default) or pack")
+    ctl.add_argument("--scheduler", action=argparse.BooleanOptionalAction, default=True,
+                     help="place unpinned instances (one controller at a time holds the scheduler's Lease)")
     ctl.add_argument("--verbose", action="store_true")
     ctl.set_defaults(func=_controller)
 

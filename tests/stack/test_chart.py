@@ -236,10 +236,14 @@ def test_helm_template_rbac_is_least_privilege(helm):
     assert _rules(agent_lease) == {("coordination.k8s.io", "leases", v, "") for v in ("get", "create", "update")}
     controller = _rules(_one(docs, "ClusterRole", "-controller"))
     assert controller == {("novalet.io", "virtualinstances", v, "") for v in ("get", "list", "watch")} | {
-        ("novalet.io", "virtualinstances/status", "patch", ""),
+        ("novalet.io", "virtualinstances/status", "patch", ""), ("novalet.io", "hypervisors", "list", ""),
+        ("novalet.io", "virtualimages", "get", ""), ("novalet.io", "clustervirtualimages", "get", ""),
         ("apiextensions.k8s.io", "customresourcedefinitions", "list", ""),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch", "")}  # no admission-level grant
-    assert _rules(_one(docs, "Role", "-controller")) == {("coordination.k8s.io", "leases", "list", "")}
+    assert _rules(_one(docs, "Role", "-controller")) == {  # its own Lease: the one active scheduler
+        ("coordination.k8s.io", "leases", "list", ""), ("coordination.k8s.io", "leases", "create", ""),
+        ("coordination.k8s.io", "leases", "get", "novalet-scheduler"),
+        ("coordination.k8s.io", "leases", "update", "novalet-scheduler")}
 
     docs = _docs(helm("template", "rel", str(CHART), "-n", "nv", "--set", "agent.setPassword.namespaces={team-a,team-b}",
                       "--set", "rbac.adminRole.aggregateTo={admin}").stdout)

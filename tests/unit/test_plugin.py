@@ -151,7 +151,7 @@ def test_progress_names_the_task_and_an_unavailable_agent():
         conditions=[{"type": "HostAgentReady", "status": "False", "message": "lease expired"}]))
     assert line == ("vmState active, task RebootHard rebooting_hard, power running, "
                     "agent on hv-1 unavailable: lease expired")
-    assert rq.progress(instance(node=None)) == "waiting for an agent to claim it"
+    assert rq.progress(instance(node=None)) == "waiting for the scheduler (or, pinned, its node's agent) to place it"
 
 
 # ---- the command line --------------------------------------------------------------------

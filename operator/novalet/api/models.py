@@ -100,7 +100,11 @@ class VirtualInstanceSpec(Model):
     powerState: Literal["Running", "Stopped", "Paused", "Suspended"] = "Running"
     rescue: bool = Field(default=False, description="Boot the rescue configuration.")
     nodeName: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=63,
-                                 description="Pin to a hypervisor node; empty = any agent claims it.")
+                                 description="Pin to a hypervisor node (skips the scheduler's filters); empty = "
+                                             "the scheduler places it.")
+    nodeSelector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None, max_length=16,
+        description="Labels a node's Hypervisor must have for the scheduler to place the instance there.")
     action: ActionRequest | None = None
     interfaces: list[Interface] | None = Field(
         default=None, max_length=MAX_INTERFACES,

@@ -3,6 +3,9 @@ import argparse
 import asyncio
 import base64
 import logging
+import os
+import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from ..kube.client import RetryForever, api_client, register_login
 from ..tls import self_signed
 from .heartbeat import HeartbeatWatch
 from .metrics import ControllerMetrics
+from .scheduler import Scheduler
 
 log = logging.getLogger("novalet.controller")
 WEBHOOK_NAME = "validate.virtualinstances.novalet.io"
@@ -98,6 +102,10 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
         watch = HeartbeatWatch(api, args.lease_namespace, metrics=metrics)
         watches.append(watch)
         background.append(asyncio.get_running_loop().create_task(watch.run()))
+        if args.scheduler:
+            identity = f"scheduler/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
+            scheduler = Scheduler(await api_client(), args.lease_namespace, identity, policy=args.placement)
+            background.append(asyncio.get_running_loop().create_task(scheduler.run()))
 
     @kopf.on.cleanup(registry=registry)
     async def remove_webhook(**_: Any) -> None:

@@ -4,7 +4,7 @@
 |-------------|---------------------------------------------------------------------------|
 | capacity    | the host's vCPUs and memory, or less when the agent is told so            |
 | allocatable | capacity x allocation ratio (Nova's cpu/ram_allocation_ratio; 1.0 default)|
-| allocated   | the flavors of every instance placed on the node, whatever its state      |
+| allocated   | the flavors of every instance placed (or pinned) there, whatever its state|
 | free        | allocatable - allocated, never below 0                                    |
 
 An instance holds its flavor from its placement until its object is gone: a stopped, shelved
@@ -33,11 +33,16 @@ def held(body: dict[str, Any]) -> Resources:
     return Resources(vcpus=max(f.vcpus for f in flavors), memoryMiB=max(f.memoryMiB for f in flavors))
 
 
+def node_of(body: dict[str, Any]) -> str | None:
+    """The node an instance holds its flavor on: where it is placed, else where it is pinned."""
+    return (body.get("status") or {}).get("node") or (body.get("spec") or {}).get("nodeName")
+
+
 def allocated(bodies: Iterable[dict[str, Any]], node: str) -> tuple[Resources, int]:
-    """The sum of what the instances placed on `node` hold, and how many they are."""
+    """The sum of what the instances placed (or pinned) on `node` hold, and how many they are."""
     vcpus = memory = count = 0
     for body in bodies:
-        if (body.get("status") or {}).get("node") != node:
+        if node_of(body) != node:
             continue
         one = held(body)
         vcpus, memory, count = vcpus + one.vcpus, memory + one.memoryMiB, count + 1

@@ -6,8 +6,8 @@ The order of the rules is the order of the table below; read it beside DESIGN.md
 
 | the instance                                             | next step           |
 |----------------------------------------------------------|---------------------|
-| another node's                                           | Ignore              |
-| not claimed by this node yet                             | Claim               |
+| another node's, or unpinned and not placed yet           | Ignore              |
+| pinned here, not claimed by this node yet                | Claim               |
 | a task on record, and delete or reset-state asked        | Preempt             |
 | a task on record this agent is waiting on the guest for  | LookAtWait          |
 | a task on record nobody here carries out                 | Recover             |
@@ -44,10 +44,11 @@ class Step:
 
 
 def is_mine(inst: VirtualInstance, node: str) -> bool:
-    """Pinned here, or unpinned and unclaimed or claimed by this node."""
+    """Pinned here, or placed here by the scheduler (core/placement.py): an unpinned instance
+    not placed yet is nobody's."""
     if inst.spec.nodeName:
         return inst.spec.nodeName == node
-    return inst.status.node in (None, node)
+    return inst.status.node == node
 
 
 def next_step(inst: VirtualInstance, node: str, owner: str, waiting_task_id: str | None,

@@ -51,6 +51,9 @@ def readiness(status: VirtualInstanceStatus, spec: VirtualInstanceSpec | None = 
         return False, phase(status), f"{status.currentTask.name} in {status.taskState.value}" if status.currentTask else ""
     if downloading(status):
         return False, "WaitingForImage", downloading(status)
+    scheduled = find(status, "Scheduled")
+    if status.node is None and scheduled is not None and scheduled.status == "False":
+        return False, scheduled.reason, scheduled.message
     if vm == V.ERROR:
         return False, "Error", last.message if last else ""
     if status.backoff is not None:

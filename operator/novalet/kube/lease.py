@@ -72,8 +72,11 @@ def view(lease: client.V1Lease | None) -> LeaseView:
 class NodeLease:
     def __init__(self, api: client.ApiClient, namespace: str, node: str, identity: str,
                  timing: LeaseTiming = DEFAULT_TIMING, clock: Callable[[], float] = time.monotonic,
-                 networks: Iterable[str] = ()):
+                 networks: Iterable[str] = (), name: str | None = None, labels: dict[str, str] | None = None):
+        """A node's Lease (`name`/`labels` default to the node agent's; the scheduler's has its own)."""
         self.coordination = client.CoordinationV1Api(api)
+        self.name = name or lease_name(node)
+        self.labels = {"novalet.io/node": node} if labels is None else labels
         self.networks = ",".join(sorted(networks))  # published with each renewal, for the webhook
         self.namespace, self.node, self.identity, self.timing = namespace, node, identity, timing
         self.clock = clock
@@ -93,7 +96,8 @@ class NodeLease:
 
     async def read(self, node: str | None = None) -> client.V1Lease | None:
         try:
-            return await self.coordination.read_namespaced_lease(lease_name(node or self.node), self.namespace)
+            return await self.coordination.read_namespaced_lease(lease_name(node) if node else self.name,
+                                                                 self.namespace)
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -114,14 +118,14 @@ class NodeLease:
         try:
             if lease is None:
                 body = client.V1Lease(metadata=client.V1ObjectMeta(
-                    name=lease_name(self.node), namespace=self.namespace, labels={"novalet.io/node": self.node},
+                    name=self.name, namespace=self.namespace, labels=self.labels,
                     annotations={NETWORKS_ANNOTATION: self.networks}), spec=spec)
                 await self.coordination.create_namespaced_lease(self.namespace, body)
             else:
                 lease.spec = spec  # replace carries metadata.resourceVersion: 409 if someone won
                 lease.metadata.annotations = {**(lease.metadata.annotations or {}),
                                               NETWORKS_ANNOTATION: self.networks}
-                await self.coordination.replace_namespaced_lease(lease_name(self.node), self.namespace, lease)
+                await self.coordination.replace_namespaced_lease(self.name, self.namespace, lease)
         except ApiException as error:
             if error.status in (409, 422):
                 return False
@@ -134,6 +138,6 @@ class NodeLease:
             lease.spec.holder_identity = None
             lease.spec.renew_time = None
             try:
-                await self.coordination.replace_namespaced_lease(lease_name(self.node), self.namespace, lease)
+                await self.coordination.replace_namespaced_lease(self.name, self.namespace, lease)
             except ApiException as error:
                 log.info("lease release skipped: %s", error.reason)

@@ -219,7 +219,10 @@ def progress(inst: VirtualInstance | None) -> str:
         return "gone"
     status = inst.status
     if status.node is None:
-        return "waiting for an agent to claim it"
+        scheduled = next((c for c in status.conditions if c.type == "Scheduled"), None)
+        if scheduled is not None and scheduled.status == "False":
+            return f"not placed: {scheduled.message}"
+        return "waiting for the scheduler (or, pinned, its node's agent) to place it"
     task = status.currentTask
     parts = [f"vmState {status.vmState.value if status.vmState else '-'}"]
     if status.taskState:

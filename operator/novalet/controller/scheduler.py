@@ -1,0 +1,163 @@
+"""The scheduler: places unpinned instances on nodes (core/placement.py decides; this reads and writes).
+
+One scheduler acts at a time: it holds the Lease `novalet-scheduler` (the agents' Lease code,
+the same takeover rules) and places only within the renew deadline of its last renewal, so a
+frozen scheduler that wakes up writes nothing before it has renewed. Each round (every
+`interval_s`) it reads the Hypervisors (allocatable, labels, networks, images), the agents'
+Leases (alive or not), every instance (what is placed or pinned where, what waits), and the
+images a waiting instance names; then it places the waiting instances oldest first, each a
+compare-and-swap write of `status.node` and the `Scheduled` condition. An instance that fits
+nowhere gets `Scheduled=False` (reason `Unschedulable`, the reason of each node) and is looked
+at again next round.
+"""
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from .. import GROUP, VERSION
+from ..api.models import Resources, VirtualInstance, VirtualInstanceStatus
+from ..core import capacity, conditions, placement
+from ..core.fencing import LeaseTiming
+from ..core.interfaces import interfaces_of
+from ..core.presentation import with_presentation
+from ..kube.instances import Conflict, Gone, InstanceStore, parse
+from ..kube.lease import NodeLease, view
+
+log = logging.getLogger(__name__)
+
+LEASE = "novalet-scheduler"
+NODE_LABEL = "novalet.io/node"
+SCHEDULED = "Scheduled"
+
+
+def demand_of(inst: VirtualInstance, image_nodes: frozenset[str] | None) -> placement.Demand:
+    return placement.Demand(flavor=inst.spec.flavor, node_selector=inst.spec.nodeSelector or {},
+                            networks=frozenset(i.network for i in interfaces_of(inst.spec)),
+                            image=inst.spec.image, image_nodes=image_nodes)
+
+
+def scheduled(status: VirtualInstanceStatus, node: str | None, message: str, uid: str,
+              now: datetime) -> VirtualInstanceStatus:
+    """The status once placed on `node` (None: left waiting, saying why)."""
+    if node is None:
+        return conditions.set_condition(status, SCHEDULED, False, "Unschedulable", message, now)
+    status = status.model_copy(update={"node": node, "domainUUID": uid})
+    return conditions.set_condition(status, SCHEDULED, True, "Scheduled", message, now)
+
+
+class Scheduler:
+    def __init__(self, api: client.ApiClient, lease_namespace: str, identity: str,
+                 policy: placement.Policy = "spread", interval_s: float = 1.0,
+                 timing: LeaseTiming | None = None) -> None:
+        self.custom = client.CustomObjectsApi(api)
+        self.coordination = client.CoordinationV1Api(api)
+        self.store = InstanceStore(api)
+        self.timing = timing or LeaseTiming()
+        self.lease = NodeLease(api, lease_namespace, "scheduler", identity, self.timing, name=LEASE, labels={})
+        self.lease_namespace, self.policy, self.interval_s = lease_namespace, policy, interval_s
+        self._renewed_at: float | None = None
+
+    def holds(self) -> bool:
+        return self._renewed_at is not None and time.monotonic() - self._renewed_at < self.timing.renew_deadline_s
+
+    async def hosts(self) -> list[placement.Host]:
+        leases = await self.coordination.list_namespaced_lease(self.lease_namespace, label_selector=NODE_LABEL)
+        now = datetime.now(UTC)
+        alive = {lease.metadata.labels[NODE_LABEL] for lease in leases.items if not view(lease).expired(now)}
+        listed = await self.custom.list_cluster_custom_object(GROUP, VERSION, "hypervisors")
+        hosts = []
+        for item in listed["items"]:
+            status = item.get("status") or {}
+            if not status.get("allocatable"):
+                continue
+            name = item["metadata"]["name"]
+            hosts.append(placement.Host(
+                name=name, allocatable=Resources.model_validate(status["allocatable"]), alive=name in alive,
+                labels=item["metadata"].get("labels") or {}, networks=frozenset(status.get("networks") or ()),
+                images=frozenset(status.get("imagesCached") or ())))
+        return hosts
+
+    async def _image(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        plural = "virtualimages" if namespace else "clustervirtualimages"
+        try:
+            if namespace:
+                return await self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+            return await self.custom.get_cluster_custom_object(GROUP, VERSION, plural, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def image_nodes(self, inst: VirtualInstance, hosts: list[placement.Host]) -> frozenset[str] | None:
+        """Where the instance's image can be had (core/catalog.py's order): None = anywhere."""
+        name = inst.spec.image
+        if not name:
+            return None
+        namespaced = await self._image("VirtualImage", inst.metadata.namespace, name)
+        if namespaced is not None:
+            snapshot = (namespaced.get("spec", {}).get("source") or {}).get("snapshot")
+            return frozenset({snapshot["node"]}) if snapshot else None
+        if await self._image("ClusterVirtualImage", None, name) is not None:
+            return None
+        return frozenset(h.name for h in hosts if name in h.images)  # preloaded: where it is
+
+    async def schedule_once(self) -> int:
+        """One round; returns how many instances it placed."""
+        hosts = await self.hosts()
+        bodies, waiting = [], []
+        async for body in self.store.list_all():
+            bodies.append(body)
+            spec, status = body.get("spec") or {}, body.get("status") or {}
+            if spec.get("nodeName") or status.get("node") or body["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                waiting.append((body, parse(body)))
+            except ValidationError:
+                continue  # a newer version's object: not for this scheduler
+        if not waiting:
+            return 0
+        used = {h.name: capacity.allocated(bodies, h.name)[0] for h in hosts}
+        waiting.sort(key=lambda pair: (pair[0]["metadata"].get("creationTimestamp") or "", pair[1].metadata.name))
+        demands = [(i, demand_of(inst, await self.image_nodes(inst, hosts))) for i, (_, inst) in enumerate(waiting)]
+        placed = 0
+        now = datetime.now(UTC).replace(microsecond=0)
+        for index, node, message in placement.schedule(((str(i), d) for i, d in demands), hosts, used, self.policy):
+            body, inst = waiting[int(index)]
+            if not self.holds():
+                return placed
+            placed += await self._write(body, inst, node, message, now)
+        return placed
+
+    async def _write(self, body: dict[str, Any], inst: VirtualInstance, node: str | None, message: str,
+                     now: datetime) -> int:
+        status = scheduled(inst.status, node, message, inst.metadata.uid, now)
+        if node is None and conditions.same(conditions.find(inst.status, SCHEDULED),
+                                            conditions.find(status, SCHEDULED)):
+            return 0  # already says so
+        status = with_presentation(status, now, inst.spec, inst.metadata.generation)
+        try:
+            await self.store.write_status(body, status)
+        except (Conflict, Gone):
+            return 0  # changed meanwhile (pinned, deleted): the next round decides again
+        if node is not None:
+            log.info("%s/%s: %s", inst.metadata.namespace, inst.metadata.name, message)
+        return int(node is not None)
+
+    async def run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                due = self._renewed_at is None or started - self._renewed_at >= self.timing.retry_period_s
+                if due and await self.lease.try_acquire_or_renew():
+                    self._renewed_at = started
+                if self.holds():
+                    await self.schedule_once()
+            except Exception:
+                log.exception("scheduling round failed")
+            await asyncio.sleep(self.interval_s)
