@@ -51,5 +51,7 @@ In another shell:
   kubectl apply -f examples/tiny.yaml        # a real tiny Linux guest
   kubectl get vinst -w
 MSG
+# a development machine has few cores: let the scheduler place 4 vCPUs per core (Nova's initial
+# cpu_allocation_ratio; the agent's default is 1.0, no overcommit), memory not overcommitted
 "$novalet" run --node-name "$node" --libvirt-uri "$LIBVIRT_DEFAULT_URI" --image-pool "$pool" \
-  --state-dir "$state/agent"
+  --state-dir "$state/agent" --cpu-allocation-ratio 4
