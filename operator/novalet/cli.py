@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--lease-namespace", default="kube-node-lease")
     ctl.add_argument("--placement", choices=("spread", "pack"), default="spread",
                      help="the scheduler's weigher: spread (most free memory first, the default) or pack")
+    ctl.add_argument("--scheduler-lease", default="novalet-scheduler", metavar="NAME",
+                     help="the Lease (in --lease-namespace) the one active scheduler holds")
     ctl.add_argument("--scheduler", action=argparse.BooleanOptionalAction, default=True,
                      help="place unpinned instances (one controller at a time holds the scheduler's Lease)")
     ctl.add_argument("--verbose", action="store_true")

@@ -120,7 +120,7 @@ def test_helm_template_renders(helm):
     assert kinds == sorted(["CustomResourceDefinition"] * 4 + ["ServiceAccount", "ServiceAccount", "ClusterRole",
                             "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
                             "Role", "Role", "RoleBinding", "RoleBinding", "DaemonSet", "Deployment", "Service",
-                            "Secret", "ValidatingWebhookConfiguration", *POLICY_KINDS]), kinds
+                            "Secret", "ValidatingWebhookConfiguration", "Lease", *POLICY_KINDS]), kinds
     crds = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
     for plural in ("virtualinstances", "virtualimages", "clustervirtualimages", "hypervisors"):
         assert crds[f"{plural}.novalet.io"] == yaml.safe_load((REPO / "crds" / f"novalet.io_{plural}.yaml").read_text())
@@ -241,9 +241,8 @@ def test_helm_template_rbac_is_least_privilege(helm):
         ("apiextensions.k8s.io", "customresourcedefinitions", "list", ""),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch", "")}  # no admission-level grant
     assert _rules(_one(docs, "Role", "-controller")) == {  # its own Lease: the one active scheduler
-        ("coordination.k8s.io", "leases", "list", ""), ("coordination.k8s.io", "leases", "create", ""),
-        ("coordination.k8s.io", "leases", "get", "novalet-scheduler"),
-        ("coordination.k8s.io", "leases", "update", "novalet-scheduler")}
+        ("coordination.k8s.io", "leases", "list", ""), ("coordination.k8s.io", "leases", "get", "rel-novalet-scheduler"),
+        ("coordination.k8s.io", "leases", "update", "rel-novalet-scheduler")}
 
     docs = _docs(helm("template", "rel", str(CHART), "-n", "nv", "--set", "agent.setPassword.namespaces={team-a,team-b}",
                       "--set", "rbac.adminRole.aggregateTo={admin}").stdout)
@@ -862,6 +861,11 @@ async def test_controller_rbac_with_its_token(control_plane, release, kube_api, 
         await _refused(coordination.create_namespaced_lease(LEASE_NS, client.V1Lease(
             metadata=client.V1ObjectMeta(name="novalet-agent-forged"))))
         await _refused(coordination.read_namespaced_lease("novalet-agent-forged", LEASE_NS))
+        # the scheduler's own Lease (created by the chart) it may take and renew
+        scheduler_lease = f"{release.fullname}-scheduler"
+        lease = await coordination.read_namespaced_lease(scheduler_lease, LEASE_NS)
+        lease.spec.holder_identity = "scheduler/test/1/abc"
+        await _allowed(coordination.replace_namespaced_lease(scheduler_lease, LEASE_NS, lease))
         await _refused(coordination.list_namespaced_lease(ns))
         await _refused(core.read_namespaced_secret("anything", ns))
         await _refused(core.list_secret_for_all_namespaces())

@@ -104,7 +104,8 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
         background.append(asyncio.get_running_loop().create_task(watch.run()))
         if args.scheduler:
             identity = f"scheduler/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
-            scheduler = Scheduler(await api_client(), args.lease_namespace, identity, policy=args.placement)
+            scheduler = Scheduler(await api_client(), args.lease_namespace, identity, policy=args.placement,
+                                  lease_name=args.scheduler_lease)
             background.append(asyncio.get_running_loop().create_task(scheduler.run()))
 
     @kopf.on.cleanup(registry=registry)

@@ -1,6 +1,7 @@
 """The scheduler: places unpinned instances on nodes (core/placement.py decides; this reads and writes).
 
-One scheduler acts at a time: it holds the Lease `novalet-scheduler` (the agents' Lease code,
+One scheduler acts at a time: it holds the Lease `novalet-scheduler` (`--scheduler-lease`; the
+chart creates `<release>-novalet-scheduler`, the only Lease its RBAC lets it write) (the agents' Lease code,
 the same takeover rules) and places only within the renew deadline of its last renewal, so a
 frozen scheduler that wakes up writes nothing before it has renewed. Each round (every
 `interval_s`) it reads the Hypervisors (allocatable, labels, networks, images), the agents'
@@ -54,12 +55,12 @@ def scheduled(status: VirtualInstanceStatus, node: str | None, message: str, uid
 class Scheduler:
     def __init__(self, api: client.ApiClient, lease_namespace: str, identity: str,
                  policy: placement.Policy = "spread", interval_s: float = 1.0,
-                 timing: LeaseTiming | None = None) -> None:
+                 timing: LeaseTiming | None = None, lease_name: str = LEASE) -> None:
         self.custom = client.CustomObjectsApi(api)
         self.coordination = client.CoordinationV1Api(api)
         self.store = InstanceStore(api)
         self.timing = timing or LeaseTiming()
-        self.lease = NodeLease(api, lease_namespace, "scheduler", identity, self.timing, name=LEASE, labels={})
+        self.lease = NodeLease(api, lease_namespace, "scheduler", identity, self.timing, name=lease_name, labels={})
         self.lease_namespace, self.policy, self.interval_s = lease_namespace, policy, interval_s
         self._renewed_at: float | None = None
 
