@@ -46,7 +46,14 @@ def test_twelve_at_once_on_two_hosts_of_five():
     placed = [node for _, node, _ in decisions if node]
     assert sorted(placed) == ["host-1"] * 5 + ["host-2"] * 5
     assert [key for key, node, _ in decisions if node is None] == ["vm-10", "vm-11"]  # the newest wait
-    assert "not enough vCPUs (needs 1, 0 free)" in decisions[-1][2]
+    assert decisions[-1][2] == "0/2 nodes can take it: host-1, host-2: not enough vCPUs (needs 1, 0 free)"
+
+
+def test_many_nodes_with_one_reason_are_counted_not_named():
+    hosts = [host(f"gone-{i}", alive=False) for i in range(5)] + [host("full", vcpus=0)]
+    node, message = choose(Demand(flavor=TINY), hosts, {})
+    assert (node, message) == (None, ("0/6 nodes can take it: full: not enough vCPUs (needs 1, 0 free); "
+                                     "5 nodes: its agent is not running (Lease expired)"))
 
 
 @settings(max_examples=200)

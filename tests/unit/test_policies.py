@@ -4,6 +4,7 @@ from pathlib import Path
 import yaml
 
 from novalet.api.policies import (
+    PLACEMENT_POLICY,
     REQUESTED_BY,
     REQUESTER_POLICY,
     REQUESTS_POLICY,
@@ -26,7 +27,22 @@ def test_generated_yaml_parses_back():
 
 
 def by_kind() -> dict[str, dict]:
-    return {doc["kind"]: doc for doc in policy_manifests()}
+    """The requester's and the requests' policies (the placement policy has its own test)."""
+    return {doc["kind"]: doc for doc in policy_manifests() if doc["metadata"]["name"] != PLACEMENT_POLICY}
+
+
+def test_the_placement_policy_labels_a_pinned_instance_with_its_node():
+    policy, binding = [d for d in policy_manifests() if d["metadata"]["name"] == PLACEMENT_POLICY]
+    assert (policy["kind"], binding["kind"]) == ("MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": PLACEMENT_POLICY}
+    spec = policy["spec"]
+    (condition,) = spec["matchConditions"]
+    assert "object.spec.nodeName" in condition["expression"]
+    (mutation,) = spec["mutations"]
+    assert "jsonpatch.escapeKey('novalet.io/node')" in mutation["jsonPatch"]["expression"]
+    assert "'Unplaced'" in mutation["jsonPatch"]["expression"]
+    (rule,) = spec["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["virtualinstances"] and rule["operations"] == ["CREATE", "UPDATE"]
 
 
 def test_two_policies_each_with_its_binding():

@@ -15,17 +15,19 @@ import uuid
 from typing import Any
 
 import kopf
+from kubernetes_asyncio import client
 from pydantic import ValidationError
 
 from .. import GROUP, PLURAL, VERSION
 from ..api.models import AllocationRatios, Resources
+from ..api.policies import UNPLACED
 from ..core.backoff import BackoffPolicy
 from ..core.catalog import SnapshotQuota
 from ..core.fencing import LeaseTiming
 from ..core.reaping import ReapPolicy
 from ..kube.client import RetryForever, api_client, register_login
 from ..kube.events import EventRecorder
-from ..kube.instances import LIST_PAGE, InstanceStore
+from ..kube.instances import LIST_PAGE, NODE_LABEL, InstanceStore, label_node, labelled
 from ..kube.lease import NodeLease
 from ..virt.kvm import domain_type
 from .engine import Engine
@@ -68,6 +70,7 @@ class Agent:
 
         api = await api_client()
         self.store = InstanceStore(api, guard=self.fence.check)
+        self.custom = client.CustomObjectsApi(api)
         self.events = events = EventRecorder(api, "novalet.io/agent", self.identity, guard=self.fence.check)
         # the Lease gets a client (and connection pool) of its own: renewals must never queue
         # behind the node's instance traffic, or a busy agent fences itself
@@ -217,6 +220,8 @@ class Agent:
                 continue  # kopf watches only those namespaces: the sweep looks at no other
             inst = await self.unreadable.parse(body)  # None: reported on the object, skipped
             if inst is not None and self.engine.is_mine(inst):
+                if not labelled(body, self.node):  # else its changes would never reach this agent's watch
+                    await self.label(body)
                 self.remember(body)
                 keys.append(key_of(body))
         for key in keys:
@@ -246,6 +251,16 @@ class Agent:
         self.store.forget(meta["namespace"], meta["name"])
         self.keys_by_uid.pop(meta["uid"], None)
         self.engine.forget(meta["uid"])
+
+    async def label(self, body: dict[str, Any]) -> None:
+        """Label an instance of this node with it (the watch's selector), once; a failure is
+        logged: the next event or sweep tries again."""
+        try:
+            await label_node(self.custom, body, self.node, self.fence.check)
+        except Fenced:
+            raise
+        except Exception as error:  # noqa: BLE001
+            log.warning("%s/%s: node label not written: %s", *key_of(body), error)
 
     def kick_uid(self, uid: str) -> None:
         """libvirt reported a change of a domain: look at its instance."""
@@ -295,6 +310,9 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
         # memory at a thousand instances: the initial list a page at a time, and kopf's
         # per-object worker (holding the object's last event) gone soon after its event
         settings.watching.chunk_size = LIST_PAGE
+        # only this node's instances (labelled so by the novalet-placement policy when pinned, by
+        # this agent when the scheduler placed them here) and those not placed yet (api/policies.py)
+        settings.watching.label_selectors[GROUP, PLURAL] = f"{NODE_LABEL} in ({agent.node},{UNPLACED})"
         settings.queueing.idle_timeout = 1.0
         settings.persistence.diffbase_storage = NoDiffBase()
         settings.networking.error_backoffs = RetryForever()
@@ -319,6 +337,13 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
         inst = await agent.unreadable.parse(body)
         if inst is None:
             return  # reported on the object; the next change is looked at again
+        mine = agent.engine.is_mine(inst)
+        agent.metrics.watch_events.labels("mine" if mine else "other").inc()
+        if not mine:  # not placed yet, or placed on another node: its agent takes it
+            agent.forget(body)
+            return
+        if not labelled(body, agent.node):  # placed here by the scheduler: from now on only this watch
+            await agent.label(body)
         agent.remember(body)
         key = key_of(body)
         if agent.engine.preempts(inst):

@@ -39,6 +39,9 @@ class AgentMetrics:
                                          buckets=CALL_BUCKETS, registry=registry)
         self.libvirt_errors = Counter("novalet_libvirt_call_errors", "libvirt calls that failed or timed "
                                       "out, by call.", ["call"], registry=registry)
+        self.watch_events = Counter("novalet_watch_events", "VirtualInstance events the agent's watch "
+                                    "received: of its node's instances (mine) or of others (other).",
+                                    ["instance"], registry=registry)
         self.lease_renewals = Counter("novalet_lease_renewals", "Attempts to take or renew the node's "
                                       "Lease, by result (renewed, lost, failed).", ["result"], registry=registry)
         self.queue_depth = Gauge("novalet_workqueue_depth", "Instances queued to be looked at.",

@@ -22,6 +22,9 @@ from .. import GROUP, PLURAL, VERSION
 from .crd import _NoAliases
 
 REQUESTER_POLICY = "novalet-requester"
+PLACEMENT_POLICY = "novalet-placement"
+NODE_LABEL = "novalet.io/node"  # the node an instance is pinned or placed on: each agent watches its own
+UNPLACED = "Unplaced"  # its value before the scheduler has placed the instance
 REQUESTS_POLICY = "novalet-requests"
 REQUESTED_BY = "novalet.io/requested-by"  # annotation: who last changed the spec
 ADMIN_SUBRESOURCE = "admin"  # RBAC pseudo-subresource: `update virtualinstances/admin` = administrator
@@ -102,6 +105,40 @@ def requester_policy() -> list[dict[str, Any]]:
         "apiVersion": ADMISSION, "kind": "MutatingAdmissionPolicyBinding",
         "metadata": {"name": REQUESTER_POLICY},
         "spec": {"policyName": REQUESTER_POLICY},
+    }
+    return [policy, binding]
+
+
+def placement_policy() -> list[dict[str, Any]]:
+    """The label `novalet.io/node` each agent watches its instances by: a pinned instance's node
+    (`spec.nodeName`), else `Unplaced` (no node name has a capital letter) until the node the
+    scheduler placed it on takes it and labels it with its name. Every agent watches its own
+    name and `Unplaced`, so it sees its pinned instances at once, and an unplaced one until it is
+    placed. A write that drops the label, or gives a pinned instance another, gets it back."""
+    labels = "object.metadata.labels"
+    has_label = f"has({labels}) && {_q(NODE_LABEL)} in {labels}"
+    wanted = f"has(object.spec.nodeName) ? object.spec.nodeName : {_q(UNPLACED)}"
+    policy = {
+        "apiVersion": ADMISSION, "kind": "MutatingAdmissionPolicy",
+        "metadata": {"name": PLACEMENT_POLICY},
+        "spec": {
+            "failurePolicy": "Fail",
+            "reinvocationPolicy": "IfNeeded",
+            "matchConstraints": _rules(["CREATE", "UPDATE"]),
+            "matchConditions": [{"name": "label-missing-or-not-the-pinned-node", "expression": (
+                f"!({has_label}) || (has(object.spec.nodeName)"
+                f" && {labels}[{_q(NODE_LABEL)}] != object.spec.nodeName)")}],
+            "mutations": [{"patchType": "JSONPatch", "jsonPatch": {"expression": (
+                f"has({labels}) ? [JSONPatch{{op: 'add', path: '/metadata/labels/'"
+                f" + jsonpatch.escapeKey({_q(NODE_LABEL)}), value: {wanted}}}]"
+                " : [JSONPatch{op: 'add', path: '/metadata/labels',"
+                f" value: {{{_q(NODE_LABEL)}: {wanted}}}}}]")}}],
+        },
+    }
+    binding = {
+        "apiVersion": ADMISSION, "kind": "MutatingAdmissionPolicyBinding",
+        "metadata": {"name": PLACEMENT_POLICY},
+        "spec": {"policyName": PLACEMENT_POLICY},
     }
     return [policy, binding]
 
@@ -204,12 +241,13 @@ def requests_policy() -> list[dict[str, Any]]:
 
 
 def policy_manifests() -> list[dict[str, Any]]:
-    return [*requester_policy(), *requests_policy()]
+    return [*requester_policy(), *requests_policy(), *placement_policy()]
 
 
 def policies_yaml() -> str:
     header = ("# Generated from operator/novalet/api/policies.py by `novalet crd --write`. Do not edit.\n"
               "# In-apiserver admission policies (Kubernetes >= 1.36): who asked, ResetState for RBAC\n"
-              "# administrators, SetPassword only with a readable Secret, Nova's lock. No webhook needed.\n")
+              "# administrators, SetPassword only with a readable Secret, Nova's lock, a pinned instance's\n"
+              "# node label. No webhook needed.\n")
     return header + "---\n".join(yaml.dump(doc, Dumper=_NoAliases, sort_keys=False, width=100)
                                  for doc in policy_manifests())

@@ -73,6 +73,16 @@ def refusal(host: Host, demand: Demand, used: Resources) -> str | None:
     return None
 
 
+def _reasons(refused: Mapping[str, str | None], named: int = 3) -> str:
+    """Each reason once, with its nodes (named when few, counted when more: a cluster keeps the
+    Hypervisors of nodes long gone)."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in refused.items():
+        by_reason.setdefault(reason, []).append(name)
+    return "; ".join(f"{', '.join(names) if len(names) <= named else f'{len(names)} nodes'}: {reason}"
+                     for reason, names in by_reason.items())
+
+
 def _room(host: Host, used: Resources) -> tuple[int, int]:
     room = free(host.allocatable, used)
     return room.memoryMiB, room.vcpus
@@ -86,8 +96,7 @@ def choose(demand: Demand, hosts: Iterable[Host], used: Mapping[str, Resources],
     refused = {h.name: refusal(h, demand, used.get(h.name, nothing)) for h in hosts}
     fit = [h for h in hosts if refused[h.name] is None]
     if not fit:
-        why = "; ".join(f"{name}: {reason}" for name, reason in refused.items()) or "no node has an agent"
-        return None, f"0/{len(hosts)} nodes can take it: {why}"
+        return None, f"0/{len(hosts)} nodes can take it: {_reasons(refused) or 'no node has an agent'}"
     sign = -1 if policy == "spread" else 1
     best = min(fit, key=lambda h: (sign * _room(h, used.get(h.name, nothing))[0],
                                    sign * _room(h, used.get(h.name, nothing))[1], h.name))

@@ -24,6 +24,7 @@ from ..api.models import VirtualInstance, VirtualInstanceStatus
 from . import WriteGuard, no_guard
 
 MERGE_PATCH = "application/merge-patch+json"
+NODE_LABEL = "novalet.io/node"  # api/policies.py: a pinned instance's node, else Unplaced until its agent labels it
 LIST_PAGE = 250  # objects per page of a full listing
 
 
@@ -156,6 +157,21 @@ class InstanceStore:
         except ApiException as error:
             self.forget(meta["namespace"], meta["name"])
             raise _translate(error) from error
+
+
+async def label_node(custom: client.CustomObjectsApi, body: dict[str, Any], node: str,
+                     guard: WriteGuard = no_guard) -> None:
+    """Label an instance with the node it is placed on (NODE_LABEL): that node's agent watches
+    only its own instances by it. A merge patch of one label: no resourceVersion needed."""
+    meta = body["metadata"]
+    guard("write the node label")
+    await custom.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"],
+                                                {"metadata": {"labels": {NODE_LABEL: node}}},
+                                                _content_type=MERGE_PATCH)
+
+
+def labelled(body: dict[str, Any], node: str) -> bool:
+    return (body["metadata"].get("labels") or {}).get(NODE_LABEL) == node
 
 
 def parse(body: dict[str, Any]) -> VirtualInstance:
