@@ -6,7 +6,8 @@ the same takeover rules) and places only within the renew deadline of its last r
 frozen scheduler that wakes up writes nothing before it has renewed. Each round (every
 `interval_s`) it reads the Hypervisors (allocatable, labels, networks, images), the agents'
 Leases (alive or not), every instance (what is placed or pinned where, what waits), and the
-images a waiting instance names; then it places the waiting instances oldest first, each a
+images a waiting instance names (a round first lists the instances labelled Unplaced, and stops
+there when none waits); then it places the waiting instances oldest first, each a
 compare-and-swap write of `status.node` and the `Scheduled` condition. An instance that fits
 nowhere gets `Scheduled=False` (reason `Unschedulable`, the reason of each node) and is looked
 at again next round.
@@ -23,17 +24,17 @@ from pydantic import ValidationError
 
 from .. import GROUP, VERSION
 from ..api.models import Resources, VirtualInstance, VirtualInstanceStatus
+from ..api.policies import UNPLACED
 from ..core import capacity, conditions, placement
 from ..core.fencing import LeaseTiming
 from ..core.interfaces import interfaces_of
 from ..core.presentation import with_presentation
-from ..kube.instances import Conflict, Gone, InstanceStore, parse
+from ..kube.instances import NODE_LABEL, Conflict, Gone, InstanceStore, parse
 from ..kube.lease import NodeLease, view
 
 log = logging.getLogger(__name__)
 
 LEASE = "novalet-scheduler"
-NODE_LABEL = "novalet.io/node"
 SCHEDULED = "Scheduled"
 
 
@@ -108,14 +109,22 @@ class Scheduler:
             return None
         return frozenset(h.name for h in hosts if name in h.images)  # preloaded: where it is
 
+    @staticmethod
+    def _waits(body: dict[str, Any]) -> bool:
+        spec, status = body.get("spec") or {}, body.get("status") or {}
+        return not (spec.get("nodeName") or status.get("node") or body["metadata"].get("deletionTimestamp"))
+
     async def schedule_once(self) -> int:
-        """One round; returns how many instances it placed."""
+        """One round; returns how many instances it placed. A round with nothing to place costs
+        one list of the instances labelled Unplaced (api/policies.py): the full list of every
+        instance, to count what each node holds, only when one waits."""
+        if not [b async for b in self.store.list_all(f"{NODE_LABEL}={UNPLACED}") if self._waits(b)]:
+            return 0
         hosts = await self.hosts()
         bodies, waiting = [], []
         async for body in self.store.list_all():
             bodies.append(body)
-            spec, status = body.get("spec") or {}, body.get("status") or {}
-            if spec.get("nodeName") or status.get("node") or body["metadata"].get("deletionTimestamp"):
+            if not self._waits(body):
                 continue
             try:
                 waiting.append((body, parse(body)))

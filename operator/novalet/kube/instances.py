@@ -121,13 +121,13 @@ class InstanceStore:
         self._latest[(namespace, name)] = _Kept.of(body)  # a read is the truth: it replaces the cached
         return body
 
-    async def list_all(self) -> AsyncIterator[dict[str, Any]]:
-        """Every VirtualInstance, read a page at a time: a thousand bodies are never parsed
-        into memory at once."""
+    async def list_all(self, label_selector: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Every VirtualInstance (with the labels, if given), read a page at a time: a thousand
+        bodies are never parsed into memory at once."""
         token = None
         while True:
             page = await self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=LIST_PAGE,
-                                                                _continue=token)
+                                                                _continue=token, label_selector=label_selector)
             for body in page["items"]:
                 yield body
             token = page["metadata"].get("continue")
