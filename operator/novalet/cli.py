@@ -59,13 +59,9 @@ def _console(args: argparse.Namespace) -> int:
 
 
 def _escape(text: str) -> str:
-    from .console import escape_byte
+    from .console import escape_argument  # imported when used: libvirt loads with it
 
-    try:
-        escape_byte(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
+    return escape_argument(text)
 
 
 def _boolean(text: str) -> bool:

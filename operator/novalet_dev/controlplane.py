@@ -14,7 +14,6 @@ import datetime
 import ipaddress
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from novalet.private_files import private_dir, write_private
 
-from .processes import log_tail, pid_alive, proc_cmdline
+from .processes import log_tail, pid_alive, proc_cmdline, stop_group
 
 __all__ = ["TOOLS", "ControlPlane", "ControlPlaneError", "find_bin_dir", "repo_root"]
 
@@ -510,22 +509,7 @@ class ControlPlane:
                 self._reap(name)
                 self.pid_file(name).unlink(missing_ok=True)
                 continue
-            try:
-                os.killpg(pid, signal.SIGTERM)  # start_new_session: pgid == pid
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + timeout
-            while pid_alive(pid) and time.monotonic() < deadline:
-                self._reap(name)
-                time.sleep(0.02)
-            if pid_alive(pid):
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                while pid_alive(pid) and time.monotonic() < deadline + 5:
-                    self._reap(name)
-                    time.sleep(0.02)
+            stop_group(pid, timeout, lambda name=name: self._reap(name))
             self._reap(name)
             self.pid_file(name).unlink(missing_ok=True)
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .controlplane import ControlPlane, ControlPlaneError, free_port, port_free
-from .processes import log_tail, pid_alive, proc_cmdline
+from .processes import log_tail, pid_alive, proc_cmdline, stop_group
 
 __all__ = ["ImagePublishError", "ImageServer", "ImageServerError", "Published", "publish_tiny", "tiny_spec"]
 
@@ -181,22 +180,7 @@ class ImageServer:
         """Stop our server (its process group): SIGTERM, then SIGKILL. True if one was running."""
         pid = self.pid
         if pid is not None:
-            try:
-                os.killpg(pid, signal.SIGTERM)  # start_new_session: pgid == pid
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + timeout
-            while pid_alive(pid) and time.monotonic() < deadline:
-                self._reap()
-                time.sleep(0.02)
-            if pid_alive(pid):
-                try:
-                    os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                while pid_alive(pid) and time.monotonic() < deadline + 5:
-                    self._reap()
-                    time.sleep(0.02)
+            stop_group(pid, timeout, self._reap)
         self._reap()
         self._proc = None
         self.pid_file.unlink(missing_ok=True)

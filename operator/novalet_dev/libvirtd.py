@@ -89,7 +89,7 @@ from pathlib import Path
 
 from novalet.virt.kvm import cache_root, domain_type, kvm_probe_file
 
-from .processes import log_tail, pid_alive, proc_cmdline
+from .processes import log_tail, pid_alive, proc_cmdline, stop_group
 
 __all__ = [
     "BRIDGE",
@@ -680,25 +680,10 @@ class Libvirtd:
         if pid is None:
             self._reap()
             return
-        try:
-            os.killpg(pid, signal.SIGTERM)  # started with start_new_session: pgid == pid
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + timeout
-        while pid_alive(pid) and time.monotonic() < deadline:
-            self._reap()
-            time.sleep(0.02)
-        if pid_alive(pid):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            while pid_alive(pid) and time.monotonic() < deadline + 5:
-                self._reap()
-                time.sleep(0.02)
+        stop_group(pid, timeout, self._reap)
         if self._proc is not None:  # the process we spawned (unshare) may outlive libvirtd briefly
             try:
-                self._proc.wait(timeout=max(0.1, deadline + 5 - time.monotonic()))
+                self._proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(self._proc.pid, signal.SIGKILL)
                 self._proc.wait()

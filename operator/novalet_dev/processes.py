@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from novalet.virt.kvm import cache_root  # noqa: F401 - one rule for the product and the stack
@@ -39,3 +42,19 @@ def proc_cmdline(pid: int) -> list[str]:
             return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     except OSError:
         return []
+
+
+def stop_group(pid: int, timeout: float, reap: Callable[[], None]) -> None:
+    """Stop a process started with start_new_session (its group, pgid == pid): SIGTERM, then
+    SIGKILL after ``timeout``; ``reap`` collects it if it is our child."""
+    for sig, budget in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        if not pid_alive(pid):
+            return
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + budget
+        while pid_alive(pid) and time.monotonic() < deadline:
+            reap()
+            time.sleep(0.02)

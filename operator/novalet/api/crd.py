@@ -79,44 +79,48 @@ OBJECT_RULES = [
 ]
 
 
-def crd_manifest() -> dict[str, Any]:
-    columns = [
-        ("VM State", ".status.vmState"), ("Task", ".status.taskState"),
-        ("Power", ".status.powerState"), ("Node", ".status.node"),
-    ]
+def _column(name: str, path: str, type_: str = "string", wide: bool = False) -> dict[str, Any]:
+    """A printer column; `wide`: only with `kubectl get -o wide`."""
+    return {"name": name, "type": type_, "jsonPath": path, **({"priority": 1} if wide else {})}
+
+
+AGE = _column("Age", ".metadata.creationTimestamp", "date")
+
+
+def _crd(kind: str, plural: str, scope: str, short_names: list[str], categories: list[str],
+         columns: list[dict[str, Any]], description: str, spec: type | None, status: type,
+         rules: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A CustomResourceDefinition of one served version with a status subresource."""
+    properties = {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+                  **({"spec": schema_of(spec)} if spec else {}), "status": schema_of(status)}
+    schema = {"type": "object", "description": description, "properties": properties,
+              **({"required": ["spec"]} if spec else {}), **({"x-kubernetes-validations": rules} if rules else {})}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
-            "scope": "Namespaced",
-            "names": {"kind": KIND, "plural": PLURAL, "singular": KIND.lower(),
-                      "listKind": f"{KIND}List", "shortNames": ["vinst"], "categories": ["all", "novalet"]},
+            "scope": scope,
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower(), "listKind": f"{kind}List",
+                      "shortNames": short_names, "categories": categories},
             "versions": [{
                 "name": VERSION, "served": True, "storage": True,
                 "subresources": {"status": {}},
-                "additionalPrinterColumns": [
-                    *({"name": n, "type": "string", "jsonPath": p} for n, p in columns),
-                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                    {"name": "IP", "type": "string", "jsonPath": ".status.interfaces[0].ipAddresses[0]",
-                     "priority": 1},  # kubectl get -o wide
-                ],
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "A virtual machine run through libvirt with Nova's lifecycle.",
-                    "properties": {
-                        "apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
-                        "spec": schema_of(VirtualInstanceSpec),
-                        "status": schema_of(VirtualInstanceStatus),
-                    },
-                    "required": ["spec"],
-                    "x-kubernetes-validations": OBJECT_RULES,
-                }},
+                "additionalPrinterColumns": columns,
+                "schema": {"openAPIV3Schema": schema},
             }],
         },
     }
+
+
+def crd_manifest() -> dict[str, Any]:
+    columns = [_column("VM State", ".status.vmState"), _column("Task", ".status.taskState"),
+               _column("Power", ".status.powerState"), _column("Node", ".status.node"), AGE,
+               _column("IP", ".status.interfaces[0].ipAddresses[0]", wide=True)]
+    return _crd(KIND, PLURAL, "Namespaced", ["vinst"], ["all", "novalet"], columns,
+                "A virtual machine run through libvirt with Nova's lifecycle.", VirtualInstanceSpec,
+                VirtualInstanceStatus, OBJECT_RULES)
 
 
 # The image catalog: admins publish ClusterVirtualImages, tenants own VirtualImages (their
@@ -131,81 +135,26 @@ IMAGE_KINDS = {
 
 def image_crd_manifest(kind: str) -> dict[str, Any]:
     plural, scope, short, spec, description = IMAGE_KINDS[kind]
-    columns = [("Source", ".spec.source.http.url", 1), ("Snapshot Of", ".spec.source.snapshot.instanceName", 1),
-               ("Node", ".status.nodes[0].node", 0), ("Phase", ".status.nodes[0].phase", 0),
-               ("Progress", ".status.nodes[0].progress", 0)]
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{GROUP}"},
-        "spec": {
-            "group": GROUP,
-            "scope": scope,
-            "names": {"kind": kind, "plural": plural, "singular": kind.lower(), "listKind": f"{kind}List",
-                      "shortNames": short, "categories": ["novalet"]},
-            "versions": [{
-                "name": VERSION, "served": True, "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": [
-                    *({"name": n, "type": "string", "jsonPath": p, **({"priority": 1} if wide else {})}
-                      for n, p, wide in columns),
-                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                ],
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": description,
-                    "properties": {
-                        "apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
-                        "spec": schema_of(spec),
-                        "status": schema_of(VirtualImageStatus),
-                    },
-                    "required": ["spec"],
-                }},
-            }],
-        },
-    }
+    columns = [_column("Source", ".spec.source.http.url", wide=True),
+               _column("Snapshot Of", ".spec.source.snapshot.instanceName", wide=True),
+               _column("Node", ".status.nodes[0].node"), _column("Phase", ".status.nodes[0].phase"),
+               _column("Progress", ".status.nodes[0].progress"), AGE]
+    return _crd(kind, plural, scope, short, ["novalet"], columns, description, spec, VirtualImageStatus)
 
 
 def hypervisor_crd_manifest() -> dict[str, Any]:
     """One per node, written by its agent: `kubectl get hypervisors` reads like `openstack
     hypervisor list` (capacity, what is placed, what is free)."""
-    columns = [("Type", "string", ".status.domainType", 0), ("vCPUs", "integer", ".status.allocatable.vcpus", 0),
-               ("vCPUs Used", "integer", ".status.allocated.vcpus", 0),
-               ("Memory MiB", "integer", ".status.allocatable.memoryMiB", 0),
-               ("Memory MiB Used", "integer", ".status.allocated.memoryMiB", 0),
-               ("Instances", "integer", ".status.instances", 0), ("Version", "string", ".status.agentVersion", 1),
-               ("Agent", "string", ".status.agentIdentity", 1)]
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"hypervisors.{GROUP}"},
-        "spec": {
-            "group": GROUP,
-            "scope": "Cluster",
-            "names": {"kind": "Hypervisor", "plural": "hypervisors", "singular": "hypervisor",
-                      "listKind": "HypervisorList", "shortNames": ["hv"], "categories": ["novalet"]},
-            "versions": [{
-                "name": VERSION, "served": True, "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": [
-                    *({"name": n, "type": t, "jsonPath": p, **({"priority": 1} if wide else {})}
-                      for n, t, p, wide in columns),
-                    {"name": "Heartbeat", "type": "date", "jsonPath": ".status.heartbeatTime"},
-                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                ],
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "A hypervisor node as its agent reports it: capacity, allocation, images.",
-                    "properties": {
-                        "apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                        "metadata": {"type": "object"},
-                        "status": schema_of(HypervisorStatus),
-                    },
-                }},
-            }],
-        },
-    }
+    columns = [_column("Type", ".status.domainType"), _column("vCPUs", ".status.allocatable.vcpus", "integer"),
+               _column("vCPUs Used", ".status.allocated.vcpus", "integer"),
+               _column("Memory MiB", ".status.allocatable.memoryMiB", "integer"),
+               _column("Memory MiB Used", ".status.allocated.memoryMiB", "integer"),
+               _column("Instances", ".status.instances", "integer"),
+               _column("Version", ".status.agentVersion", wide=True),
+               _column("Agent", ".status.agentIdentity", wide=True),
+               _column("Heartbeat", ".status.heartbeatTime", "date"), AGE]
+    return _crd("Hypervisor", "hypervisors", "Cluster", ["hv"], ["novalet"], columns,
+                "A hypervisor node as its agent reports it: capacity, allocation, images.", None, HypervisorStatus)
 
 
 def hypervisor_crd_yaml() -> str:

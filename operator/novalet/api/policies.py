@@ -38,6 +38,11 @@ def _rules(operations: list[str]) -> dict[str, Any]:
                                "operations": operations}]}
 
 
+def _mutating_binding(policy: str) -> dict[str, Any]:
+    return {"apiVersion": ADMISSION, "kind": "MutatingAdmissionPolicyBinding",
+            "metadata": {"name": policy}, "spec": {"policyName": policy}}
+
+
 def _var(name: str, expression: str) -> dict[str, str]:
     return {"name": name, "expression": expression}
 
@@ -101,12 +106,7 @@ def requester_policy() -> list[dict[str, Any]]:
             ],
         },
     }
-    binding = {
-        "apiVersion": ADMISSION, "kind": "MutatingAdmissionPolicyBinding",
-        "metadata": {"name": REQUESTER_POLICY},
-        "spec": {"policyName": REQUESTER_POLICY},
-    }
-    return [policy, binding]
+    return [policy, _mutating_binding(REQUESTER_POLICY)]
 
 
 def placement_policy() -> list[dict[str, Any]]:
@@ -135,12 +135,7 @@ def placement_policy() -> list[dict[str, Any]]:
                 f" value: {{{_q(NODE_LABEL)}: {wanted}}}}}]")}}],
         },
     }
-    binding = {
-        "apiVersion": ADMISSION, "kind": "MutatingAdmissionPolicyBinding",
-        "metadata": {"name": PLACEMENT_POLICY},
-        "spec": {"policyName": PLACEMENT_POLICY},
-    }
-    return [policy, binding]
+    return [policy, _mutating_binding(PLACEMENT_POLICY)]
 
 
 def _validation(expression: str, message: str, reason: str = "Forbidden") -> dict[str, str]:
