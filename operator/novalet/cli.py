@@ -134,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="their total size, e.g. 50Gi (default), 500Mi or a number of bytes")
     run.add_argument("--state-dir", type=Path, default=Path("/var/lib/novalet"),
                      help="where instance disks live")
+    run.add_argument("--migration-uri", default=None, metavar="URI",
+                     help="the libvirt URI a migration's source libvirtd reaches this node's libvirtd by "
+                          "(peer to peer; default: --libvirt-uri)")
+    run.add_argument("--migration-socket-dir", type=Path, default=Path("/run/novalet/migration"), metavar="DIR",
+                     help="where this node's QEMU takes an incoming guest's memory and disks (unix sockets; the "
+                          "source's QEMU must reach it; default /run/novalet/migration)")
+    run.add_argument("--migration-timeout", type=float, default=300.0, metavar="S",
+                     help="seconds a migration call may take before the agent looks at libvirt's job instead")
     run.add_argument("--namespace", action="append", default=None,
                      help="watch only this namespace (repeatable; default: all)")
     run.add_argument("--soft-reboot-timeout", type=float, default=60.0,

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .api.models import CurrentTask
-from .core import plans, policy, recovery
-from .core.facts import Facts
+from .core import migration, plans, policy, recovery
+from .core.facts import MISSING, Facts
 from .core.vocabulary import Action, PowerState, TaskState, VmState
 
 DEFAULT_OUTPUT = "docs/lifecycle-tables.md"
@@ -65,14 +65,15 @@ def plan_table() -> str:
         steps = " → ".join(f"{_code(s.task_state)} ({s.op or 'acknowledge'})" for s in plan.steps)
         lines.append(f"| {action.value} | {steps} | {_end_state(plan, True)} "
                      f"| {_end_state(plan, False)} |")
-    unplanned = [a.value for a in Action if a not in plans.PLANS]
+    unplanned = [a.value for a in Action if a not in plans.PLANS and a not in plans.COORDINATED]
     esc = plans.ESCALATE_TO_HARD
     notes = [
         f"A soft reboot the guest ignores escalates to {_code(esc.task_state)} ({esc.op}).",
         f"No plan: {', '.join(unplanned) or 'none'} (sets the vmState directly, clears the task).",
+        f"Two agents in turn: {', '.join(a.value for a in plans.COORDINATED)} (the migration table below).",
     ]
-    unowned = [t for t in TaskState
-               if not any(s.task_state == t for p in plans.PLANS.values() for s in p.steps)]
+    unowned = [t for t in TaskState if t not in migration.STATES
+               and not any(s.task_state == t for p in plans.PLANS.values() for s in p.steps)]
     if unowned:
         notes.append("Task states no plan writes (Nova names; the recovery table still covers them): "
                      + ", ".join(_code(t) for t in unowned) + ".")
@@ -136,6 +137,8 @@ def _describe(task_state: TaskState, facts: Facts) -> str:
 def recovery_table() -> str:
     lines = ["| taskState on restart | Decision by libvirt facts |", "|---|---|"]
     for task_state in TaskState:
+        if task_state in migration.STATES:
+            continue  # the migration table's
         groups: dict[str, list[str]] = {}
         for label, facts in _fact_cases(task_state):
             groups.setdefault(_describe(task_state, facts), []).append(label)
@@ -146,6 +149,41 @@ def recovery_table() -> str:
         cell = "<br>".join(c.replace("|", "\\|") for c in cells)
         lines.append(f"| {_code(task_state)} | {cell} |")
     return "\n".join(lines)
+
+
+# --- migration ------------------------------------------------------------------------------------
+
+def _next(state: TaskState | None, ends: str) -> str:
+    return _code(state) if state is not None else ends
+
+
+def migration_table() -> str:
+    lines = ["| Task state | Actor | Operation | Done: next | Failed: next |", "|---|---|---|---|---|"]
+    for step in migration.STEPS.values():
+        ok = "the task ends: succeeded, on the target" if step.task_state == TaskState.MIGRATE_FINISHING \
+            else "the task ends: rolled back, on the source"
+        bad = {TaskState.MIGRATE_SCHEDULING: "the task ends: failed (no target), on the source",
+               TaskState.MIGRATE_FINISHING: "the task ends: error, on the target",
+               TaskState.MIGRATE_REVERTING_TARGET: "the task ends: error, on the source"}.get(step.task_state, "")
+        doing = "pick (or check) the target" if step.role == migration.Role.SCHEDULER else "hand-over"
+        if step.task_state == TaskState.MIGRATE_TARGET_READY:
+            ok = (f"cold, the guest running: {_code(TaskState.MIGRATE_POWERING_OFF)}; "
+                  f"else {_code(TaskState.MIGRATING)}")
+        lines.append(f"| {_code(step.task_state)} | {step.role} | {_code(step.op) if step.op else doing} "
+                     f"| {ok if step.on_success is None or step.task_state == TaskState.MIGRATE_TARGET_READY else _code(step.on_success)} "
+                     f"| {_next(step.on_failure, bad) if step.task_state != TaskState.MIGRATE_TARGET_READY else ''} |")
+    cases = [("a migration job still runs", Facts(migrating=True)),
+             ("running", Facts()), ("paused", Facts(power_state=PowerState.PAUSED)),
+             ("shut off", Facts(power_state=PowerState.SHUTOFF)),
+             ("not defined (libvirt undefined it once the guest ran on the target)", MISSING)]
+    rows = ["", "`migrating` found on record by the source (never called twice), by what the source's libvirt shows:",
+            "", "| The source's domain | Decision |", "|---|---|"]
+    for label, facts in cases:
+        look = migration.look_at_migrating(facts)
+        then = f"look again in {migration.LOOK_AGAIN_S:g} s" if look.kind == "wait" else \
+            f"{_code(look.next_state)}: \"{look.message}\""
+        rows.append(f"| {label} | {then} |")
+    return "\n".join(lines + rows)
 
 
 # --- document -------------------------------------------------------------------------------------
@@ -178,6 +216,14 @@ def render() -> str:
          "task). \"origin vmState\" is the vmState the task started from."),
         "",
         recovery_table(),
+        "",
+        "## Migration",
+        "",
+        ("A Migrate task's steps, each carried out by its actor (the scheduler, the source's agent or "
+         "the target's), which writes the next one with a compare-and-swap. Every step but `migrating` "
+         "is simply run again by its actor after a crash; `migrating` is decided by the source's domain."),
+        "",
+        migration_table(),
         "",
     ])
 

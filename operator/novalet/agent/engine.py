@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .. import FINALIZER
-from ..api.models import CurrentTask, InstanceLock, VirtualInstance, VirtualInstanceStatus
+from ..api.models import CurrentTask, InstanceLock, MigrationRecord, VirtualInstance, VirtualInstanceStatus
 from ..api.policies import REQUESTED_BY
 from ..core import (
     authorization,
@@ -23,6 +23,7 @@ from ..core import (
     catalog,
     conditions,
     interfaces,
+    migration,
     policy,
     presentation,
     recovery,
@@ -34,7 +35,7 @@ from ..core.desire import Request, preempts_running_task, supersedes_running_tas
 from ..core.next_step import Kind, is_mine, next_step
 from ..core.plans import BOOKKEEPING, ESCALATE_TO_HARD, Plan, plan_of
 from ..core.transitions import DEFAULT_BACKOFF
-from ..core.vocabulary import Action, Op, PowerState, VmState
+from ..core.vocabulary import Action, Op, PowerState, TaskState, VmState
 from ..kube.events import EventRecorder
 from ..kube.instances import Conflict, Gone, InstanceStore, parse
 from .crashpoints import crash_if
@@ -153,6 +154,8 @@ class Engine:
             case Kind.REQUEST:
                 self.forget(inst.metadata.uid)
                 return await self._take(body, inst, step.request)
+            case Kind.MIGRATE:
+                return await self._migrate(body, inst)
         return 0.0
 
     async def _take(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> float | None:
@@ -161,10 +164,16 @@ class Engine:
         request, refusal = await self._vouch(inst, request)
         if refusal is None and request.action not in BOOKKEEPING:
             refusal = policy.refusal(request.action, inst.status.vmState or VmState.BUILDING, None)
+        if refusal is None and request.action == A.MIGRATE:
+            asked = inst.spec.action
+            refusal = migration.refusal(inst.status.vmState or VmState.BUILDING, bool(asked.live),
+                                        inst.spec.nodeName, inst.status.node, asked.targetNode)
         if refusal:
             await self._reject(body, request, refusal)
         elif request.action in BOOKKEEPING:
             await self._bookkeeping(body, inst, request)
+        elif request.action == A.MIGRATE:
+            await self._begin_migration(body, inst, request)
         else:
             return await self._execute(body, inst, request)
         return 0.0
@@ -415,6 +424,105 @@ class Engine:
                 return 0.0
         vm = VmState.ERROR if rule.kind == "error" else rule.vm_state
         await self._end(body, plan, succeeded=False, message=message, vm_state=vm)
+        return 0.0
+
+    # ---- migration (core/migration.py: this agent is the source or the target) ---------------
+    async def _begin_migration(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> None:
+        """The source takes the request: both sides and the origin on record from this first
+        write, then the label every agent's watch sees (the scheduler picks the target)."""
+        asked = inst.spec.action
+        facts = await self.ops.facts(inst)
+        record = MigrationRecord(sourceNode=self.node, targetNode=asked.targetNode, live=bool(asked.live))
+        body = await self._cas(body, lambda s: transitions.begin_migration(
+            s, request.id, self.owner, now(), facts.power_state, record, TaskState.MIGRATE_SCHEDULING,
+            requested_by=request.requested_by), guard=None)
+        self.metrics.tasks_started.labels(A.MIGRATE.value).inc()
+        self._began[request.id] = time.monotonic()
+        kind = "live" if record.live else "cold"
+        await self.events.emit(body, "Started", f"Migrate {request.id} ({kind}) from node {self.node} to "
+                                                f"{record.targetNode or 'a node the scheduler picks'}")
+        crash_if("after_claim", A.MIGRATE.value, TaskState.MIGRATE_SCHEDULING.value)
+        await self.store.write_label(body, parse(body))
+
+    async def _migrate(self, body: dict[str, Any], inst: VirtualInstance) -> float | None:
+        """This agent acts on the migration step on record: run its operation (every one but
+        the migration call may run again), or go on as the facts say (core/migration.look)."""
+        task = inst.status.currentTask
+        await self.store.write_label(body, inst)  # a crash may have come between the task and its label
+        here = await self.ops.migration_facts(inst)
+        decision = migration.look(task, here)
+        if decision.kind == "wait":
+            return migration.LOOK_AGAIN_S
+        if decision.kind == "goto":
+            if task.taskState == TaskState.MIGRATING:  # on record, not called by this look: recovered
+                self.metrics.recoveries.labels("migrate").inc()
+                await self.events.emit(body, "Recovering", f"Migrate {task.id} found in migrating: "
+                                                           f"{decision.message}")
+            return await self._migration_goto(body, task, decision.next_state, decision.message)
+        step = migration.STEPS[task.taskState]
+        try:
+            result = await self.ops.run(step.op, inst)
+        except OperationError as error:
+            return await self._migration_failed(body, task, step, str(error))
+        if result == migration.NOT_YET:
+            return migration.LOOK_AGAIN_S
+        crash_if("after_call", A.MIGRATE.value, task.taskState.value)
+        if step.on_success is None:
+            return await self._migration_end(body, task, succeeded=True)
+        return await self._migration_goto(body, task, step.on_success, "", **(result or {}))
+
+    async def _migration_failed(self, body: dict[str, Any], task: CurrentTask, step, error: str) -> float | None:
+        note = "; ".join(filter(None, (task.migration.note, f"{task.taskState.value}: {error}")))
+        await self.events.emit(body, "MigrationStepFailed", f"Migrate {task.id}: {note}", warning=True)
+        if step.on_failure is None:
+            return await self._migration_end(body, task, succeeded=False, message=note)
+        extra = {"revertFailed": True} if task.taskState == TaskState.MIGRATE_REVERTING_SOURCE else {}
+        return await self._migration_goto(body, task, step.on_failure, error, **extra)
+
+    async def _migration_goto(self, body: dict[str, Any], task: CurrentTask, next_state: TaskState,
+                              message: str, **record: Any) -> float | None:
+        """Write the next step (the actor of this one hands over); the migration call itself
+        runs right after its step is on record, in this same decision, and nowhere else."""
+        note = "; ".join(filter(None, (task.migration.note, message)))
+        body = await self._cas(body, lambda s: transitions.migration_step(
+            s, next_state, self.owner, now(), note=note, **record), guard=lambda i: i.status.currentTask == task)
+        crash_if("after_started", A.MIGRATE.value, next_state.value)
+        if next_state != TaskState.MIGRATING:
+            return 0.0
+        inst = parse(body)
+        task = inst.status.currentTask
+        try:
+            await self.ops.run(Op.MIGRATE, inst)
+        except OperationError as error:
+            decision = migration.look_at_migrating(await self.ops.migration_facts(inst))
+            if decision.kind == "wait":
+                return migration.LOOK_AGAIN_S  # the next look decides by what libvirt shows then
+            return await self._migration_goto(body, task, decision.next_state, f"migrating: {error}")
+        crash_if("after_call", A.MIGRATE.value, TaskState.MIGRATING.value)
+        return await self._migration_goto(body, task, TaskState.MIGRATE_CLEANING_SOURCE, "")
+
+    async def _migration_end(self, body: dict[str, Any], task: CurrentTask, succeeded: bool,
+                             message: str = "") -> float | None:
+        """The last step's actor ends the task: where the instance now rests (core/migration.ending)."""
+        node, vm = migration.ending(task, succeeded)
+        succeeded = succeeded and task.taskState == TaskState.MIGRATE_FINISHING
+        message = message or task.migration.note or (f"moved from node {task.migration.sourceNode} to {node}"
+                                                     if succeeded else "rolled back")
+        if task.migration.revertFailed:
+            vm = VmState.ERROR
+        facts = await self.ops.facts(parse(body)) if node == self.node else None
+        power = facts.power_state if facts else parse(body).status.powerState
+
+        def ended(status: VirtualInstanceStatus) -> VirtualInstanceStatus:
+            status = transitions.finish(status, None, succeeded, message, now(), power, vm_state=vm,
+                                        backoff_policy=self.backoff_policy)
+            return status.model_copy(update={"node": node})
+
+        body = await self._cas(body, ended, guard=lambda i: i.status.currentTask == task)
+        self._count_end(task, "Succeeded" if succeeded else "Failed")
+        await self.events.emit(body, "Migrated" if succeeded else "MigrationFailed",
+                               f"Migrate {task.id}: {message}", warning=not succeeded)
+        await self.store.write_label(body, parse(body))
         return 0.0
 
     # ---- no task, no request ---------------------------------------------------------

@@ -19,15 +19,15 @@ from kubernetes_asyncio import client
 from pydantic import ValidationError
 
 from .. import GROUP, PLURAL, VERSION
-from ..api.models import AllocationRatios, Resources
-from ..api.policies import UNPLACED
+from ..api.models import AllocationRatios, Resources, VirtualInstance
+from ..api.policies import MIGRATING, UNPLACED
 from ..core.backoff import BackoffPolicy
 from ..core.catalog import SnapshotQuota
 from ..core.fencing import LeaseTiming
 from ..core.reaping import ReapPolicy
 from ..kube.client import RetryForever, api_client, register_login
 from ..kube.events import EventRecorder
-from ..kube.instances import LIST_PAGE, NODE_LABEL, InstanceStore, label_node, labelled
+from ..kube.instances import LIST_PAGE, NODE_LABEL, InstanceStore
 from ..kube.lease import NodeLease
 from ..virt.kvm import domain_type
 from .engine import Engine
@@ -35,7 +35,7 @@ from .fence import Fence, Fenced
 from .images import ImageCatalog
 from .libvirt_calls import LibvirtCalls
 from .metrics import AgentMetrics, statuses_in
-from .operations import DEFAULT_NETWORKS, LibvirtTimeouts, Operations
+from .operations import DEFAULT_NETWORKS, LibvirtTimeouts, MigrationEndpoint, Operations
 from .orphans import OrphanReaper
 from .resources import ResourceTracker
 from .unreadable import Unreadable
@@ -88,7 +88,9 @@ class Agent:
             self.args.snapshot_quota_count, self.args.snapshot_quota_bytes))
         self.ops = Operations(hypervisor, api, self.node, self.args.soft_reboot_timeout, self.args.stop_timeout,
                               LibvirtTimeouts(self.args.libvirt_timeout, self.args.libvirt_query_timeout),
-                              LibvirtCalls(self.args.libvirt_threads), self.metrics, self.networks, self.catalog)
+                              LibvirtCalls(self.args.libvirt_threads), self.metrics, self.networks, self.catalog,
+                              MigrationEndpoint(self.args.migration_uri or uri, self.args.migration_socket_dir,
+                                                self.args.migration_timeout))
         self.engine = Engine(self.store, events, self.ops, self.node, self.identity,
                              self.backoff, self.metrics)
         # one flow per namespace: a tenant's storm does not hold another tenant's request
@@ -220,8 +222,7 @@ class Agent:
                 continue  # kopf watches only those namespaces: the sweep looks at no other
             inst = await self.unreadable.parse(body)  # None: reported on the object, skipped
             if inst is not None and self.engine.is_mine(inst):
-                if not labelled(body, self.node):  # else its changes would never reach this agent's watch
-                    await self.label(body)
+                await self.label(body, inst)  # else its changes would never reach this agent's watch
                 self.remember(body)
                 keys.append(key_of(body))
         for key in keys:
@@ -252,11 +253,11 @@ class Agent:
         self.keys_by_uid.pop(meta["uid"], None)
         self.engine.forget(meta["uid"])
 
-    async def label(self, body: dict[str, Any]) -> None:
-        """Label an instance of this node with it (the watch's selector), once; a failure is
-        logged: the next event or sweep tries again."""
+    async def label(self, body: dict[str, Any], inst: VirtualInstance) -> None:
+        """Give an instance of this node the label the watches need (kube/instances.node_label)
+        when it has another; a failure is logged: the next event or sweep tries again."""
         try:
-            await label_node(self.custom, body, self.node, self.fence.check)
+            await self.store.write_label(body, inst)
         except Fenced:
             raise
         except Exception as error:  # noqa: BLE001
@@ -311,8 +312,9 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
         # per-object worker (holding the object's last event) gone soon after its event
         settings.watching.chunk_size = LIST_PAGE
         # only this node's instances (labelled so by the novalet-placement policy when pinned, by
-        # this agent when the scheduler placed them here) and those not placed yet (api/policies.py)
-        settings.watching.label_selectors[GROUP, PLURAL] = f"{NODE_LABEL} in ({agent.node},{UNPLACED})"
+        # this agent when the scheduler placed them here), those not placed yet and those migrating
+        # (api/policies.py)
+        settings.watching.label_selectors[GROUP, PLURAL] = f"{NODE_LABEL} in ({agent.node},{UNPLACED},{MIGRATING})"
         settings.queueing.idle_timeout = 1.0
         settings.persistence.diffbase_storage = NoDiffBase()
         settings.networking.error_backoffs = RetryForever()
@@ -342,8 +344,7 @@ def build_registry(agent: Agent) -> kopf.OperatorRegistry:
         if not mine:  # not placed yet, or placed on another node: its agent takes it
             agent.forget(body)
             return
-        if not labelled(body, agent.node):  # placed here by the scheduler: from now on only this watch
-            await agent.label(body)
+        await agent.label(body, inst)  # placed here by the scheduler, migrating: the watches' label
         agent.remember(body)
         key = key_of(body)
         if agent.engine.preempts(inst):

@@ -14,8 +14,9 @@ after a crash the recovery table can tell a soft reboot that was issued from one
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -26,7 +27,8 @@ from ..core.catalog import DOWNLOADING, PRESENT, UNAVAILABLE, snapshot_pool_name
 from ..core.facts import MISSING, Facts
 from ..core.interfaces import interface_status, interfaces_of, mac_address
 from ..core.recovery import JOURNALED_OPS
-from ..core.vocabulary import Op, PowerState
+from ..core.migration import NOT_YET
+from ..core.vocabulary import Op, PowerState, VmState
 from ..kube.access import Access, SecretError
 from ..virt.cidata import CloudInit, meta_data
 from ..virt.domain_xml import InstanceMetadata, NetworkInterface
@@ -89,12 +91,30 @@ def facts_of(domain: DomainFacts) -> Facts:
                  domain.domain_id)
 
 
+@dataclass(frozen=True)
+class MigrationEndpoint:
+    """Where this node takes incoming guests: its libvirtd for the source's (`--migration-uri`,
+    default the agent's own libvirt URI) and a directory for the streams' unix sockets
+    (`--migration-socket-dir`), which the source's QEMU must reach."""
+
+    libvirt_uri: str
+    socket_dir: Path = Path("/run/novalet/migration")
+    timeout_s: float = 300.0
+
+    def for_instance(self, uid: str) -> dict[str, str]:
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+        return {"targetURI": self.libvirt_uri, "dataURI": f"unix://{self.socket_dir / uid}.mem.sock",
+                "disksURI": f"unix://{self.socket_dir / uid}.disk.sock"}
+
+
 class Operations:
     def __init__(self, hypervisor: Hypervisor, api: client.ApiClient, node: str, soft_reboot_timeout: float,
                  stop_timeout: float = 60.0, timeouts: LibvirtTimeouts | None = None,
                  calls: LibvirtCalls | None = None, metrics: AgentMetrics | None = None,
-                 networks: dict[str, tuple[str, str]] | None = None, catalog: ImageCatalog | None = None):
+                 networks: dict[str, tuple[str, str]] | None = None, catalog: ImageCatalog | None = None,
+                 migration: MigrationEndpoint | None = None):
         self.hv, self.node = hypervisor, node
+        self.migration = migration or MigrationEndpoint(hypervisor.uri)
         if catalog is not None:
             self.catalog = catalog  # else built on first use (cached_property below)
         self.networks = DEFAULT_NETWORKS if networks is None else networks  # name -> (kind, source)
@@ -129,6 +149,13 @@ class Operations:
     async def facts(self, inst: VirtualInstance) -> Facts:
         return facts_of(await self._query(self.hv.facts, inst.metadata.uid))
 
+    async def migration_facts(self, inst: VirtualInstance) -> Facts:
+        """The facts with whether a migration job runs on the domain (core/migration.py)."""
+        facts = await self.facts(inst)
+        if not facts.exists:
+            return facts
+        return replace(facts, migrating=await self._query(self.hv.migration_in_progress, inst.metadata.uid))
+
     async def host_resources(self) -> tuple[int, int]:
         """The host's CPUs and memory (MiB) as libvirt sees them."""
         return await self._query(self.hv.host_resources)
@@ -156,6 +183,12 @@ class Operations:
             Op.SET_PASSWORD: self.op_set_password, Op.DELETE: self.op_delete,
             Op.REMOVE_PARTIAL_SNAPSHOT: self.op_remove_partial_snapshot,
             Op.REVERT_RESIZE_INFLIGHT: self.op_revert_resize_inflight,
+            Op.MIGRATE_PREPARE_TARGET: self.op_migrate_prepare_target,
+            Op.MIGRATE_POWER_OFF: self.op_resize_power_off,
+            Op.MIGRATE: self.op_migrate, Op.MIGRATE_CLEAN_SOURCE: self.op_migrate_clean_source,
+            Op.MIGRATE_FINISH_TARGET: self.op_migrate_finish_target,
+            Op.MIGRATE_REVERT_SOURCE: self.op_migrate_revert_source,
+            Op.MIGRATE_REVERT_TARGET: self.op_migrate_revert_target,
         }
 
     async def run(self, op: Op, inst: VirtualInstance) -> Any:
@@ -426,6 +459,40 @@ class Operations:
             await self._call(self.hv.set_password, inst.metadata.uid, action.user or "root", password)
         finally:
             del password
+
+    # ---- migration (core/migration.py) --------------------------------------------------
+    async def op_migrate_prepare_target(self, inst: VirtualInstance) -> dict[str, str] | str:
+        """The target: the image here (NOT_YET while it downloads), the networks, the disks and
+        the domain defined, not started; answers where the source's libvirtd sends the guest."""
+        state, message = await self.image_state(inst, inst.status.image or "")
+        if state == DOWNLOADING:
+            return NOT_YET
+        if state == UNAVAILABLE:
+            raise OperationError(message)
+        await self.op_plug_network(inst)
+        await self.op_prepare_disks(inst)
+        return self.migration.for_instance(inst.metadata.uid)
+
+    async def op_migrate(self, inst: VirtualInstance) -> None:
+        m = inst.status.currentTask.migration
+        await self._call(self.hv.migrate, inst.metadata.uid, m.targetURI, live=m.live, data_uri=m.dataURI,
+                         disks_uri=m.disksURI, wait_s=self.migration.timeout_s)
+
+    async def op_migrate_clean_source(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.remove_inactive, inst.metadata.uid, side="source")
+
+    async def op_migrate_finish_target(self, inst: VirtualInstance) -> None:
+        task = inst.status.currentTask
+        await self._call(self.hv.finish_incoming, inst.metadata.uid, cold=not task.migration.live,
+                         power_on=task.originVmState == VmState.ACTIVE)
+
+    async def op_migrate_revert_source(self, inst: VirtualInstance) -> None:
+        task = inst.status.currentTask
+        await self._call(self.hv.revert_source, inst.metadata.uid, cold=not task.migration.live,
+                         power_on=task.originVmState == VmState.ACTIVE, wait_s=self.stop_timeout)
+
+    async def op_migrate_revert_target(self, inst: VirtualInstance) -> None:
+        await self._call(self.hv.remove_inactive, inst.metadata.uid, side="target")
 
     async def op_delete(self, inst: VirtualInstance) -> None:
         await self._call(self.hv.undefine_and_delete, inst.metadata.uid)

@@ -47,9 +47,11 @@ class ActionRequest(Model):
         ("self.name != 'SetPassword' || has(self.secretRef)", "SetPassword needs secretRef"),
         ("self.name != 'ResetState' || has(self.state)", "ResetState needs state: active or error"),
         ("self.name == 'Lock' || !has(self.reason)", "reason applies to Lock only"),
+        ("self.name == 'Migrate' || (!has(self.targetNode) && !has(self.live))",
+         "targetNode and live apply to Migrate only"),
     ))
     name: Literal["Reboot", "Rebuild", "Snapshot", "SetPassword", "ConfirmResize", "RevertResize",
-                  "ResetState", "Lock", "Unlock"]
+                  "ResetState", "Lock", "Unlock", "Migrate"]
     id: ActionId = Field(description="Unique per request; commit a new id to ask again.")
     type: Literal["Soft", "Hard"] | None = Field(default=None, description="Reboot type.")
     snapshotName: str | None = Field(default=None, pattern=r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$",
@@ -60,6 +62,12 @@ class ActionRequest(Model):
                              description="Guest user for SetPassword (default root).")
     state: Literal["active", "error"] | None = Field(default=None, description="ResetState target.")
     reason: str | None = Field(default=None, max_length=255, description="Why the instance is locked (Lock).")
+    targetNode: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=63,
+                                   description="Migrate: the node to move to (the scheduler's filters still apply); "
+                                               "empty: the scheduler picks one.")
+    live: bool | None = Field(default=None, description="Migrate: true moves the running guest without a restart "
+                                                        "(active or paused); false (the default) stops it, moves "
+                                                        "the disk and boots it there (active or stopped).")
     requestedBy: str | None = Field(
         default=None, max_length=512,
         description="The requester's username, set by the apiserver's admission policy "
@@ -123,6 +131,21 @@ class VirtualInstanceSpec(Model):
         description="OpenSSH public keys, delivered in the cidata disk's meta-data (public-keys).")
 
 
+class MigrationRecord(StatusModel):
+    """A Migrate task's two sides (core/migration.py), recorded from its first write."""
+
+    sourceNode: str
+    targetNode: str | None = Field(default=None, description="Chosen by the scheduler (or checked, when asked for).")
+    live: bool = False
+    targetURI: str | None = Field(default=None, description="The target's libvirt URI for the source's libvirtd "
+                                                            "(peer-to-peer), written when the target is ready.")
+    dataURI: str | None = Field(default=None, description="Where the target's QEMU takes the memory stream.")
+    disksURI: str | None = Field(default=None, description="Where the target takes the disks (NBD).")
+    note: str = Field(default="", description="What went wrong on the way (a rollback's reason).")
+    revertFailed: bool = Field(default=False, description="The origin state could not be restored on the source: "
+                                                          "the instance ends in error.")
+
+
 class CurrentTask(StatusModel):
     """Everything needed to finish or undo a task after a crash."""
 
@@ -141,6 +164,7 @@ class CurrentTask(StatusModel):
         default=None, description="When the guest's wait ends (a soft reboot escalates to hard, an ACPI stop "
                                   "becomes a forced one); kept across agent restarts.")
     requestedBy: str | None = None
+    migration: MigrationRecord | None = None
     owner: str
     startedAt: datetime
     attempt: int = 1

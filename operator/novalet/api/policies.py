@@ -25,6 +25,7 @@ REQUESTER_POLICY = "novalet-requester"
 PLACEMENT_POLICY = "novalet-placement"
 NODE_LABEL = "novalet.io/node"  # the node an instance is pinned or placed on: each agent watches its own
 UNPLACED = "Unplaced"  # its value before the scheduler has placed the instance
+MIGRATING = "Migrating"  # its value while a migration runs: both agents (and the scheduler) see it
 REQUESTS_POLICY = "novalet-requests"
 REQUESTED_BY = "novalet.io/requested-by"  # annotation: who last changed the spec
 ADMIN_SUBRESOURCE = "admin"  # RBAC pseudo-subresource: `update virtualinstances/admin` = administrator
@@ -163,8 +164,8 @@ def requests_policy() -> list[dict[str, Any]]:
             f"'metadata.annotations[{REQUESTED_BY}] records who last changed the spec; the apiserver sets it"
             f" (admission policy {REQUESTER_POLICY}) and it cannot be set or changed by hand'"),
         _validation(
-            "variables.actionName != 'ResetState' || variables.admin",
-            "'ResetState is for administrators: RBAC does not allow ' + request.userInfo.username"
+            "!(variables.actionName in ['ResetState', 'Migrate']) || variables.admin",
+            "variables.actionName + ' is for administrators: RBAC does not allow ' + request.userInfo.username"
             f" + ' to update virtualinstances/{ADMIN_SUBRESOURCE} ({GROUP}) in namespace ' + request.namespace"
             f" + '; ask a cluster administrator ({ADMIN_ROLE_HINT})'"),
         _validation(

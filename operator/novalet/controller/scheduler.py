@@ -24,11 +24,12 @@ from pydantic import ValidationError
 
 from .. import GROUP, VERSION
 from ..api.models import Resources, VirtualInstance, VirtualInstanceStatus
-from ..api.policies import UNPLACED
-from ..core import capacity, conditions, placement
+from ..api.policies import MIGRATING, UNPLACED
+from ..core import capacity, conditions, placement, transitions
 from ..core.fencing import LeaseTiming
 from ..core.interfaces import interfaces_of
 from ..core.presentation import with_presentation
+from ..core.vocabulary import TaskState
 from ..kube.instances import NODE_LABEL, Conflict, Gone, InstanceStore, parse
 from ..kube.lease import NodeLease, view
 
@@ -114,35 +115,70 @@ class Scheduler:
         spec, status = body.get("spec") or {}, body.get("status") or {}
         return not (spec.get("nodeName") or status.get("node") or body["metadata"].get("deletionTimestamp"))
 
+    @staticmethod
+    def _migration_waits(body: dict[str, Any]) -> bool:
+        task = (body.get("status") or {}).get("currentTask") or {}
+        return task.get("taskState") == TaskState.MIGRATE_SCHEDULING.value
+
     async def schedule_once(self) -> int:
-        """One round; returns how many instances it placed. A round with nothing to place costs
-        one list of the instances labelled Unplaced (api/policies.py): the full list of every
-        instance, to count what each node holds, only when one waits."""
-        if not [b async for b in self.store.list_all(f"{NODE_LABEL}={UNPLACED}") if self._waits(b)]:
+        """One round; returns how many instances (and migrations) it placed. A round with nothing
+        to place costs two lists, of the instances labelled Unplaced and of those labelled
+        Migrating (api/policies.py): the full list of every instance, to count what each node
+        holds, only when one waits. Migrations asked for are placed first."""
+        if not ([b async for b in self.store.list_all(f"{NODE_LABEL}={UNPLACED}") if self._waits(b)]
+                or [b async for b in self.store.list_all(f"{NODE_LABEL}={MIGRATING}") if self._migration_waits(b)]):
             return 0
         hosts = await self.hosts()
-        bodies, waiting = [], []
+        bodies, waiting, moving = [], [], []
         async for body in self.store.list_all():
             bodies.append(body)
-            if not self._waits(body):
+            if not (self._waits(body) or self._migration_waits(body)):
                 continue
             try:
-                waiting.append((body, parse(body)))
+                (moving if self._migration_waits(body) else waiting).append((body, parse(body)))
             except ValidationError:
                 continue  # a newer version's object: not for this scheduler
-        if not waiting:
-            return 0
         used = {h.name: capacity.allocated(bodies, h.name)[0] for h in hosts}
-        waiting.sort(key=lambda pair: (pair[0]["metadata"].get("creationTimestamp") or "", pair[1].metadata.name))
-        demands = [(i, demand_of(inst, await self.image_nodes(inst, hosts))) for i, (_, inst) in enumerate(waiting)]
         placed = 0
         now = datetime.now(UTC).replace(microsecond=0)
+        for body, inst in moving:
+            if not self.holds():
+                return placed
+            placed += await self._target(body, inst, hosts, used, now)
+        waiting.sort(key=lambda pair: (pair[0]["metadata"].get("creationTimestamp") or "", pair[1].metadata.name))
+        demands = [(i, demand_of(inst, await self.image_nodes(inst, hosts))) for i, (_, inst) in enumerate(waiting)]
         for index, node, message in placement.schedule(((str(i), d) for i, d in demands), hosts, used, self.policy):
             body, inst = waiting[int(index)]
             if not self.holds():
                 return placed
             placed += await self._write(body, inst, node, message, now)
         return placed
+
+    async def _target(self, body: dict[str, Any], inst: VirtualInstance, hosts: list[placement.Host],
+                      used: dict[str, Resources], now: datetime) -> int:
+        """A migration's target: the node asked for if it passes the filters (as in Nova), else the
+        best other node; none: the task ends, failed, saying why (the guest never left)."""
+        task = inst.status.currentTask
+        demand = demand_of(inst, await self.image_nodes(inst, hosts))
+        node, message = placement.choose_target(demand, hosts, used, task.migration.sourceNode,
+                                                task.migration.targetNode, self.policy)
+        if node is None:
+            status = transitions.finish(inst.status, None, False, f"no target: {message}", now, inst.status.powerState,
+                                        vm_state=task.originVmState)
+        else:
+            status = transitions.migration_step(inst.status, TaskState.MIGRATE_PREPARING_TARGET, "scheduler", now,
+                                                targetNode=node)
+            before = used.get(node, Resources(vcpus=0, memoryMiB=0))
+            used[node] = Resources(vcpus=before.vcpus + demand.flavor.vcpus,
+                                   memoryMiB=before.memoryMiB + demand.flavor.memoryMiB)
+        status = with_presentation(status, now, inst.spec, inst.metadata.generation)
+        try:
+            await self.store.write_status(body, status)
+        except (Conflict, Gone):
+            return 0
+        log.info("%s/%s: migration %s: %s", inst.metadata.namespace, inst.metadata.name, task.id,
+                 message if node else f"no target: {message}")
+        return int(node is not None)
 
     async def _write(self, body: dict[str, Any], inst: VirtualInstance, node: str | None, message: str,
                      now: datetime) -> int:

@@ -18,7 +18,9 @@ from .vocabulary import Action
 A = Action
 
 # Actions whose authorization depends on who asks: without a vouched-for requester they are refused.
-IDENTITY_ACTIONS = frozenset({A.RESET_STATE, A.SET_PASSWORD, A.LOCK, A.UNLOCK})
+IDENTITY_ACTIONS = frozenset({A.RESET_STATE, A.MIGRATE, A.SET_PASSWORD, A.LOCK, A.UNLOCK})
+# Actions for administrators only (Nova's default policy): RBAC `update` on virtualinstances/admin.
+ADMIN_ACTIONS = frozenset({A.RESET_STATE, A.MIGRATE})
 
 POLICIES_HINT = ("install the admission policies (kubectl apply --server-side -f "
                  "crds/novalet.io_admission-policies.yaml, or the Helm chart) and request again with a new id")
@@ -75,7 +77,7 @@ def checks(asking: Asking) -> list[Check]:
         return []
     wanted = []
     locked_out = asking.lock is not None and asking.requested_by != asking.lock.lockedBy
-    if asking.action == A.RESET_STATE or (asking.imperative and locked_out):
+    if asking.action in ADMIN_ACTIONS or (asking.imperative and locked_out):
         wanted.append(admin_check(asking.namespace, asking.name))
     if asking.action == A.SET_PASSWORD and asking.secret:
         wanted.append(secret_check(asking.namespace, asking.secret))
@@ -106,8 +108,8 @@ def refusal(asking: Asking, answers: dict[Check, bool | None]) -> str | None:
         if check.resource == "secrets":
             return (f"{user} may not get Secret {check.name} in namespace {check.namespace}: SetPassword only "
                     "uses a Secret its requester may read")
-        if asking.action == A.RESET_STATE:
-            return (f"ResetState is for administrators: RBAC does not allow {user} to update "
+        if asking.action in ADMIN_ACTIONS:
+            return (f"{what} is for administrators: RBAC does not allow {user} to update "
                     f"virtualinstances/admin ({GROUP}) in namespace {check.namespace}")
         lock = asking.lock
         reason = f" (reason: {lock.reason})" if lock.reason else ""

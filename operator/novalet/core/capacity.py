@@ -9,13 +9,17 @@
 
 An instance holds its flavor from its placement until its object is gone: a stopped, shelved
 or errored instance keeps its place (as in Nova), and during a resize it holds the larger of
-its old and new flavor, so a revert always fits.
+its old and new flavor, so a revert always fits. A migration holds its flavor on both nodes from
+the scheduler's pick until it ends (or begins to roll back).
 """
 import math
 from collections.abc import Iterable
 from typing import Any
 
 from ..api.models import AllocationRatios, Flavor, Resources
+from .migration import REVERTING, STATES
+
+HOLDING_TARGET = frozenset(t.value for t in STATES - REVERTING)
 
 
 def allocatable(capacity: Resources, ratios: AllocationRatios) -> Resources:
@@ -38,11 +42,21 @@ def node_of(body: dict[str, Any]) -> str | None:
     return (body.get("status") or {}).get("node") or (body.get("spec") or {}).get("nodeName")
 
 
+def migration_target(body: dict[str, Any]) -> str | None:
+    """The target of a migration under way (picked, not rolling back): it holds the flavor there
+    too, so the guest always fits where it is going, and back where it came from."""
+    task = (body.get("status") or {}).get("currentTask") or {}
+    if task.get("taskState") not in HOLDING_TARGET:
+        return None
+    return (task.get("migration") or {}).get("targetNode")
+
+
 def allocated(bodies: Iterable[dict[str, Any]], node: str) -> tuple[Resources, int]:
-    """The sum of what the instances placed (or pinned) on `node` hold, and how many they are."""
+    """The sum of what the instances placed (or pinned) on `node`, or migrating to it, hold, and
+    how many they are."""
     vcpus = memory = count = 0
     for body in bodies:
-        if node_of(body) != node:
+        if node not in (node_of(body), migration_target(body)):
             continue
         one = held(body)
         vcpus, memory, count = vcpus + one.vcpus, memory + one.memoryMiB, count + 1

@@ -25,7 +25,7 @@ class Request:
 IMPERATIVE = {
     "Rebuild": A.REBUILD, "Snapshot": A.SNAPSHOT, "SetPassword": A.SET_PASSWORD,
     "ConfirmResize": A.CONFIRM_RESIZE, "RevertResize": A.REVERT_RESIZE, "ResetState": A.RESET_STATE,
-    "Lock": A.LOCK, "Unlock": A.UNLOCK,
+    "Lock": A.LOCK, "Unlock": A.UNLOCK, "Migrate": A.MIGRATE,
 }
 
 # (desired powerState, vmState) -> the next step toward it.
@@ -128,7 +128,9 @@ def preempts_running_task(spec: VirtualInstanceSpec, status: VirtualInstanceStat
     """Delete and the admin reset-state never wait behind the task on record (Nova allows both
     in every task state): a hung hypervisor call must not hold them. Returns what preempts."""
     task = status.currentTask
-    if task is None:
+    if task is None or task.name == A.MIGRATE.value:
+        # a migration is two agents' steps in turn, each bounded: ending it midway could leave a
+        # guest on both hosts, or none; delete and reset-state wait for its end (core/migration.py)
         return None
     if deleting:
         return None if task.name == A.DELETE.value else "delete"

@@ -14,6 +14,7 @@ class Facts:
     issued: str | None = None       # journal: "<task id>:<op>" of the last operation issued
     has_managed_save: bool = False  # shut off with a saved memory image (suspended)
     domain_id: int | None = None    # libvirt's runtime id, new at every start
+    migrating: bool = False         # a migration job runs on it (read only by core/migration.py)
 
 
 MISSING = Facts(exists=False, power_state=None, config=None)

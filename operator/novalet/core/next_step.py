@@ -6,6 +6,8 @@ The order of the rules is the order of the table below; read it beside DESIGN.md
 
 | the instance                                             | next step           |
 |----------------------------------------------------------|---------------------|
+| migrating, and this node is the actor of the step on record | Migrate (core/migration.py) |
+| migrating, and another node (or the scheduler) acts      | Ignore              |
 | another node's, or unpinned and not placed yet           | Ignore              |
 | pinned here, not claimed by this node yet                | Claim               |
 | a task on record, and delete or reset-state asked        | Preempt             |
@@ -22,6 +24,7 @@ from enum import Enum
 
 from .. import FINALIZER
 from ..api.models import VirtualInstance
+from . import migration
 from .desire import Request, next_request, preempts_running_task
 
 
@@ -34,6 +37,7 @@ class Kind(Enum):
     ADD_FINALIZER = "add_finalizer"
     REQUEST = "request"
     SYNC = "sync"
+    MIGRATE = "migrate"
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,10 @@ class Step:
 
 
 def is_mine(inst: VirtualInstance, node: str) -> bool:
-    """Pinned here, or placed here by the scheduler (core/placement.py): an unpinned instance
-    not placed yet is nobody's."""
+    """Pinned here, placed here by the scheduler (core/placement.py), or migrating to or from
+    here: an unpinned instance not placed yet is nobody's."""
+    if migration.involves(inst.status.currentTask, node):
+        return True
     if inst.spec.nodeName:
         return inst.spec.nodeName == node
     return inst.status.node == node
@@ -55,6 +61,8 @@ def next_step(inst: VirtualInstance, node: str, owner: str, waiting_task_id: str
               now: datetime) -> Step:
     """What one reconcile does. `waiting_task_id`: the task whose guest this agent pressed a
     button for in its present tenure (none after a restart: recovery decides then)."""
+    if migration.is_migration(inst.status.currentTask):
+        return Step(Kind.MIGRATE if migration.actor(inst.status.currentTask) == node else Kind.IGNORE)
     if not is_mine(inst, node):
         return Step(Kind.IGNORE)
     if inst.status.node != node:

@@ -103,6 +103,19 @@ def choose(demand: Demand, hosts: Iterable[Host], used: Mapping[str, Resources],
     return best.name, f"placed on node {best.name} ({policy})"
 
 
+def choose_target(demand: Demand, hosts: Iterable[Host], used: Mapping[str, Resources], source: str,
+                  asked: str | None, policy: Policy = "spread") -> tuple[str | None, str]:
+    """A migration's target: never its source; the node asked for when it passes the filters
+    (Nova checks a requested host the same way), else the best of the others."""
+    hosts = [h for h in hosts if h.name != source]
+    if asked is not None:
+        hosts = [h for h in hosts if h.name == asked]
+        if not hosts:
+            return None, f"node {asked} has no Hypervisor with capacity (or is the source)"
+    node, message = choose(demand, hosts, used, policy)
+    return node, message.replace("placed on", "migrating to") if node else message
+
+
 def schedule(pending: Iterable[tuple[str, Demand]], hosts: Iterable[Host], used: Mapping[str, Resources],
              policy: Policy = "spread") -> list[tuple[str, str | None, str]]:
     """Place `pending` (key, demand) in order; each placement counts for the next."""

@@ -81,6 +81,9 @@ STABLE_VM_STATES = frozenset(VmState) - {V.BUILDING}
 
 # Actions that only record something in status: no plan, no task state, no hypervisor call.
 BOOKKEEPING = frozenset({A.RESET_STATE, A.LOCK, A.UNLOCK})
+# Actions carried out by two agents (and the scheduler) in turn: their steps and recovery are
+# core/migration.py's table, not a plan one agent runs.
+COORDINATED = frozenset({A.MIGRATE})
 
 
 def plan_of(action: Action) -> Plan:
@@ -89,8 +92,8 @@ def plan_of(action: Action) -> Plan:
 
 def task_owner(task_state: TaskState) -> tuple[Plan, int]:
     """The plan and step index a task state belongs to. Nova's API-side states that no plan
-    writes (rebooting, rebooting_hard, image_uploading, migrating) raise KeyError; the
-    recovery table still has a rule for each."""
+    writes (rebooting, rebooting_hard, image_uploading) raise KeyError (the recovery table
+    still has a rule for each), and so do a migration's (core/migration.py)."""
     for plan in PLANS.values():
         for index, step in enumerate(plan.steps):
             if step.task_state == task_state:

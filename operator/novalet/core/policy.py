@@ -50,6 +50,8 @@ POLICY: dict[Action, Allowed] = {
     A.REBUILD: Allowed(_vm(V.ACTIVE, V.STOPPED, V.ERROR)),
     A.SNAPSHOT: Allowed(_vm(V.ACTIVE, V.STOPPED, V.PAUSED, V.SUSPENDED)),
     A.SET_PASSWORD: Allowed(_vm(V.ACTIVE)),
+    # live: active or paused; cold: active or stopped (core/migration.py refuses the other kind)
+    A.MIGRATE: Allowed(_vm(V.ACTIVE, V.PAUSED, V.STOPPED)),
     A.DELETE: Allowed(ANY_VM, ANY_TASK),
     A.RESET_STATE: Allowed(ANY_VM, ANY_TASK),
     # Nova's lock/unlock: bookkeeping only, allowed in any state (who may is checked at admission)

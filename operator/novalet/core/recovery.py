@@ -1,7 +1,8 @@
 """The recovery table (DESIGN.md section 2): what an agent does, when it starts, with an
 instance it finds mid-task. A pure function of the recorded task and libvirt's live facts.
 
-Every task state has a rule; none is left for an admin to reset.
+Every task state has a rule; none is left for an admin to reset. A migration's task states have
+theirs in core/migration.py (two agents take part: each reads its own side).
 """
 from dataclasses import dataclass
 from typing import Literal
@@ -20,7 +21,7 @@ Kind = Literal["redo", "finish", "abandon", "revert", "error"]
 @dataclass(frozen=True)
 class Recovery:
     kind: Kind
-    action: Action | str          # str only for "Migrate", which has no plan of its own yet
+    action: Action
     from_step: int = 0            # redo: the plan step to continue from
     vm_state: VmState | None = None  # finish / abandon / error: where the instance rests
     message: str = ""
@@ -131,11 +132,6 @@ RULES = {
        for t in (T.IMAGE_SNAPSHOT_PENDING, T.IMAGE_SNAPSHOT, T.IMAGE_UPLOADING)},
     T.UPDATING_PASSWORD: lambda task, facts: Recovery(
         "abandon", A.SET_PASSWORD, vm_state=task.originVmState, message="interrupted; request again"),
-    T.MIGRATING: lambda task, facts: (
-        Recovery("finish", "Migrate", vm_state=task.originVmState, message="domain runs here")
-        if facts.exists and facts.power_state in EXPECTED_POWER.get(task.originVmState, ()) else
-        Recovery("abandon", "Migrate", vm_state=task.originVmState,
-                 message="migration interrupted: rolled back to the origin")),
     T.DELETING: lambda task, facts: Recovery("redo", A.DELETE),
 }
 

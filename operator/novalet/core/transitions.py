@@ -5,12 +5,20 @@ this module talks to Kubernetes or libvirt.
 """
 from datetime import datetime, timedelta
 
-from ..api.models import ActionRecord, CurrentTask, Flavor, HandledAction, ResizeOrigin, VirtualInstanceStatus
+from ..api.models import (
+    ActionRecord,
+    CurrentTask,
+    Flavor,
+    HandledAction,
+    MigrationRecord,
+    ResizeOrigin,
+    VirtualInstanceStatus,
+)
 from . import backoff
 from .backoff import BackoffPolicy
 from .plans import EXPECTED_POWER, Plan, Step, final_vm_state
 from .presentation import with_presentation
-from .vocabulary import Action, PowerState, VmState
+from .vocabulary import Action, PowerState, TaskState, VmState
 
 A, V = Action, VmState
 HISTORY_LIMIT = 20
@@ -48,6 +56,29 @@ def begin(status: VirtualInstanceStatus, plan: Plan, request_id: str, owner: str
                                    **_handled(status, handled, plan.action.value, request_id, now)), now)
 
 
+def begin_migration(status: VirtualInstanceStatus, request_id: str, owner: str, now: datetime,
+                    power: PowerState | None, record: MigrationRecord, first: TaskState, *,
+                    requested_by: str | None = None) -> VirtualInstanceStatus:
+    """Acknowledge a Migrate request (core/migration.py): from this first write the task records
+    both sides and the origin vm and power state a rollback returns to."""
+    task = CurrentTask(name=Action.MIGRATE.value, id=request_id, taskState=first,
+                       originVmState=status.vmState or V.BUILDING, originPowerState=power,
+                       originFlavor=status.flavor, originImage=status.image, requestedBy=requested_by,
+                       owner=owner, startedAt=now, migration=record)
+    return with_presentation(_copy(status, taskState=first, currentTask=task,
+                                   **_handled(status, True, Action.MIGRATE.value, request_id, now)), now)
+
+
+def migration_step(status: VirtualInstanceStatus, task_state: TaskState, owner: str, now: datetime,
+                   **record: object) -> VirtualInstanceStatus:
+    """A Migrate task's next step, written by the actor of the last one; `record`: what the
+    MigrationRecord gains (the target's URIs, a note of what went wrong)."""
+    task = status.currentTask
+    task = task.model_copy(update={"taskState": task_state, "owner": owner,
+                                   "migration": task.migration.model_copy(update=record)})
+    return with_presentation(_copy(status, taskState=task_state, currentTask=task), now)
+
+
 def advance(status: VirtualInstanceStatus, step: Step, now: datetime, domain_id: int | None = None,
             escalated: bool | None = None, wait_s: float | None = None) -> VirtualInstanceStatus:
     """The task's next step. `wait_s`: the step's operation waits on the guest that long at most;
@@ -76,10 +107,11 @@ def _success_changes(status: VirtualInstanceStatus, task: CurrentTask) -> dict:
     return {}
 
 
-def finish(status: VirtualInstanceStatus, plan: Plan, succeeded: bool, message: str, now: datetime,
+def finish(status: VirtualInstanceStatus, plan: Plan | None, succeeded: bool, message: str, now: datetime,
            power: PowerState | None, vm_state: VmState | None = None,
            backoff_policy: BackoffPolicy = DEFAULT_BACKOFF) -> VirtualInstanceStatus:
-    """End the current task: a stable vm state (the plan's, unless recovery names one), the
+    """End the current task: a stable vm state (the plan's, unless recovery names one; a task
+    without a plan, a migration, always names one), the
     record in lastAction and history. A failed declarative step (not the spec.action request,
     which is answered once) backs off before it is tried again; a success ends the backoff."""
     task = status.currentTask

@@ -47,6 +47,15 @@ class TaskState(StrEnum):
     REBUILD_BLOCK_DEVICE_MAPPING = "rebuild_block_device_mapping"
     REBUILD_SPAWNING = "rebuild_spawning"
     MIGRATING = "migrating"
+    # novalet's migration steps (core/migration.py); Nova's live migration shows only `migrating`
+    MIGRATE_SCHEDULING = "migrate_scheduling"
+    MIGRATE_PREPARING_TARGET = "migrate_preparing_target"
+    MIGRATE_TARGET_READY = "migrate_target_ready"
+    MIGRATE_POWERING_OFF = "migrate_powering_off"
+    MIGRATE_CLEANING_SOURCE = "migrate_cleaning_source"
+    MIGRATE_FINISHING = "migrate_finishing"
+    MIGRATE_REVERTING_SOURCE = "migrate_reverting_source"
+    MIGRATE_REVERTING_TARGET = "migrate_reverting_target"
     DELETING = "deleting"
 
 
@@ -85,6 +94,7 @@ class Action(StrEnum):
     REBUILD = "Rebuild"
     SNAPSHOT = "Snapshot"
     SET_PASSWORD = "SetPassword"
+    MIGRATE = "Migrate"
     DELETE = "Delete"
     RESET_STATE = "ResetState"
     LOCK = "Lock"
@@ -117,6 +127,14 @@ class Op(StrEnum):
     SNAPSHOT = "snapshot"
     SET_PASSWORD = "set_password"
     DELETE = "delete"
+    # migration (core/migration.py: each runs on the source or on the target)
+    MIGRATE_PREPARE_TARGET = "migrate_prepare_target"
+    MIGRATE_POWER_OFF = "migrate_power_off"
+    MIGRATE = "migrate"
+    MIGRATE_CLEAN_SOURCE = "migrate_clean_source"
+    MIGRATE_FINISH_TARGET = "migrate_finish_target"
+    MIGRATE_REVERT_SOURCE = "migrate_revert_source"
+    MIGRATE_REVERT_TARGET = "migrate_revert_target"
     # recovery only
     REMOVE_PARTIAL_SNAPSHOT = "remove_partial_snapshot"
     REVERT_RESIZE_INFLIGHT = "revert_resize_inflight"

@@ -21,6 +21,8 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from .. import GROUP, PLURAL, VERSION
 from ..api.models import VirtualInstance, VirtualInstanceStatus
+from ..api.policies import MIGRATING, UNPLACED
+from ..core import migration
 from . import WriteGuard, no_guard
 
 MERGE_PATCH = "application/merge-patch+json"
@@ -110,6 +112,12 @@ class InstanceStore:
         return known.body() if known is not None else await self.get(namespace, name)
 
     # ---- the apiserver -------------------------------------------------------------------
+    async def write_label(self, body: dict[str, Any], inst: VirtualInstance) -> None:
+        """Give the instance the NODE_LABEL value the watches need (node_label), when it has another."""
+        wanted = node_label(inst)
+        if not labelled(body, wanted):
+            await label_node(self.custom, body, wanted, self.guard)
+
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             body = await self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
@@ -170,8 +178,17 @@ async def label_node(custom: client.CustomObjectsApi, body: dict[str, Any], node
                                                 _content_type=MERGE_PATCH)
 
 
-def labelled(body: dict[str, Any], node: str) -> bool:
-    return (body["metadata"].get("labels") or {}).get(NODE_LABEL) == node
+def labelled(body: dict[str, Any], value: str) -> bool:
+    return (body["metadata"].get("labels") or {}).get(NODE_LABEL) == value
+
+
+def node_label(inst: VirtualInstance) -> str:
+    """The value of NODE_LABEL the agents' watches need: Migrating while a migration runs (every
+    agent watches it, so source and target both see each step), else the node it is pinned or
+    placed on, else Unplaced."""
+    if migration.is_migration(inst.status.currentTask):
+        return MIGRATING
+    return inst.spec.nodeName or inst.status.node or UNPLACED
 
 
 def parse(body: dict[str, Any]) -> VirtualInstance:

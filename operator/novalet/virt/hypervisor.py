@@ -1010,6 +1010,119 @@ class Hypervisor:
 
         self._call(f"set password {uid}", fn)
 
+    # ------------------------------------------------------------------ migration (core/migration.py)
+    def migration_in_progress(self, uid: str) -> bool:
+        """Does a migration job run on the domain (one that goes on in libvirtd after the agent
+        that asked for it died)?"""
+        uid = str(uuidlib.UUID(uid))
+
+        def fn(conn):
+            dom = self._find(conn, uid)
+            if dom is None:
+                return False
+            try:
+                kind = dom.jobInfo()[0]
+            except libvirt.libvirtError:
+                return False
+            return kind in (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED)
+
+        return self._call(f"job of {uid}", fn)
+
+    @staticmethod
+    def _target_xml(target_uri: str, uid: str) -> str:
+        """The domain the target prepared (its own paths and metadata), as the target defined it:
+        the same builder on both sides gives the same guest ABI, which libvirt checks."""
+        conn = libvirt.open(target_uri)
+        try:
+            return conn.lookupByUUIDString(uid).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _writable_disks(xml: str) -> list[str]:
+        root = ET.fromstring(xml)
+        return [d.find("target").get("dev") for d in root.findall("devices/disk")
+                if d.get("device", "disk") == "disk" and d.find("readonly") is None and d.find("target") is not None]
+
+    def migrate(self, uid: str, target_uri: str, *, live: bool, data_uri: str, disks_uri: str) -> None:
+        """Move the domain to the target's libvirtd (peer to peer), its writable disks copied
+        over NBD on top of the image the target has (incremental: the target prepared the same
+        overlay); the source's definition is removed once the guest runs there. Cold: QEMU is
+        started paused here first, so the guest runs no instruction on the source; it arrives
+        paused and the target boots it (finish_incoming)."""
+        uid = str(uuidlib.UUID(uid))
+
+        def fn(conn):
+            dom = self._require(conn, uid, "migrate")
+            xml = self._target_xml(target_uri, uid)
+            if not live and not dom.isActive():
+                dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+            disks = self._writable_disks(xml)
+            params = {libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml, libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: xml,
+                      libvirt.VIR_MIGRATE_PARAM_URI: data_uri}
+            flags = (libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+                     | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+                     | (libvirt.VIR_MIGRATE_LIVE if live else libvirt.VIR_MIGRATE_PAUSED))
+            if disks:
+                params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = disks
+                params[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] = disks_uri
+                flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
+            dom.migrateToURI3(target_uri, params, flags)
+
+        self._call(f"migrate {uid}", fn)
+
+    def finish_incoming(self, uid: str, *, cold: bool, power_on: bool) -> None:
+        """The target's last step, safe to run again: a cold arrival (paused, never run) is
+        powered off, then booted when the origin was running; a live one runs already."""
+        uid = str(uuidlib.UUID(uid))
+
+        def fn(conn):
+            dom = self._require(conn, uid, "finish the migration of")
+            if cold and self._state(dom) == libvirt.VIR_DOMAIN_PAUSED:
+                self._destroy(dom)
+            if power_on and not dom.isActive():
+                self._start_fresh(dom)
+
+        self._call(f"finish incoming {uid}", fn)
+
+    def revert_source(self, uid: str, *, cold: bool, power_on: bool) -> None:
+        """Back to the origin power state on the source, safe to run again: a cold migration's
+        paused QEMU is powered off (and the guest booted when it was running); a live one that
+        libvirt left paused is resumed."""
+        uid = str(uuidlib.UUID(uid))
+
+        def fn(conn):
+            dom = self._require(conn, uid, "roll back")
+            paused = dom.isActive() and self._state(dom) == libvirt.VIR_DOMAIN_PAUSED
+            if cold and paused:
+                self._destroy(dom)
+            elif paused and power_on:
+                dom.resume()
+            if power_on and not dom.isActive():
+                self._start_fresh(dom)
+
+        self._call(f"revert {uid}", fn)
+
+    def remove_inactive(self, uid: str, *, side: str) -> None:
+        """Remove the domain's definition and files from this host (a migration's side that lost:
+        the source once the guest moved, the target when it rolled back); refused while the
+        domain runs here, so no running guest is ever removed."""
+        uid = str(uuidlib.UUID(uid))
+
+        def fn(conn):
+            dom = self._find(conn, uid)
+            if dom is None:
+                return
+            if dom.isActive():
+                raise HypervisorError(f"the guest still runs on this {side}: its domain and disks are kept")
+            if dom.isPersistent():
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+
+        self._call(f"remove {uid}", fn)
+        self._guard()
+        self.images.delete_instance(uid)
+
     def undefine_and_delete(self, uid: str) -> None:
         """Destroy, undefine (with managed save and snapshot metadata) and remove the disks; idempotent.
 
