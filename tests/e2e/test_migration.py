@@ -100,6 +100,24 @@ def two_hosts(libvirt_hosts, agents, image_pool, tmp_path):
     remove_domains(b.uri, domain_uuids(b.uri) - before_b)  # host-1's go with the agents fixture
 
 
+async def wait_hypervisors(kube_api, *nodes: str, timeout: float = 30.0) -> None:
+    """Until each node's agent has published its Hypervisor (the scheduler places only there)."""
+    from kubernetes_asyncio import client
+    custom = client.CustomObjectsApi(kube_api)
+    deadline = time.monotonic() + timeout
+    for node in nodes:
+        while True:
+            try:
+                body = await custom.get_cluster_custom_object("novalet.io", "v1alpha1", "hypervisors", node)
+                if (body.get("status") or {}).get("allocatable"):
+                    break
+            except client.exceptions.ApiException as error:
+                if error.status != 404:
+                    raise
+            assert time.monotonic() < deadline, f"no Hypervisor {node} published"
+            await asyncio.sleep(0.5)
+
+
 async def hypervisor_allocated(kube_api, node: str) -> int:
     from kubernetes_asyncio import client
     body = await client.CustomObjectsApi(kube_api).get_cluster_custom_object("novalet.io", "v1alpha1",
@@ -125,6 +143,7 @@ def ends_on(target: Side, source: Side, uid: str, power: str) -> None:
 
 async def test_live_then_cold_migration_of_a_running_guest(two_hosts, instances, agents, kube_api):
     first, second = two_hosts
+    await wait_hypervisors(kube_api, first.node, second.node)
     await instances.create("vm", {"flavor": FLAVOR, "image": TINY})
     body = await instances.wait_idle("vm", "active", agents=agents, timeout=120)
     uid = body["metadata"]["uid"]
@@ -158,8 +177,9 @@ async def test_live_then_cold_migration_of_a_running_guest(two_hosts, instances,
     await wait_allocated(kube_api, target.node, 0)
 
 
-async def test_a_stopped_instance_moves_cold_and_stays_stopped(two_hosts, instances, agents):
+async def test_a_stopped_instance_moves_cold_and_stays_stopped(two_hosts, instances, agents, kube_api):
     first, second = two_hosts
+    await wait_hypervisors(kube_api, first.node, second.node)
     await instances.create("vm", {"flavor": FLAVOR, "image": TINY, "powerState": "Stopped"})
     body = await instances.wait_idle("vm", "stopped", agents=agents, timeout=120)
     uid = body["metadata"]["uid"]

@@ -506,7 +506,7 @@ class Engine:
         """The last step's actor ends the task: where the instance now rests (core/migration.ending)."""
         node, vm = migration.ending(task, succeeded)
         succeeded = succeeded and task.taskState == TaskState.MIGRATE_FINISHING
-        message = message or task.migration.note or (f"moved from node {task.migration.sourceNode} to {node}"
+        message = message or task.migration.note or (f"moved from node {task.migration.sourceNode} to node {node}"
                                                      if succeeded else "rolled back")
         if task.migration.revertFailed:
             vm = VmState.ERROR

@@ -464,7 +464,8 @@ class Operations:
     async def op_migrate_prepare_target(self, inst: VirtualInstance) -> dict[str, str] | str:
         """The target: the image here (NOT_YET while it downloads), the networks, the disks and
         the domain defined, not started; answers where the source's libvirtd sends the guest."""
-        state, message = await self.image_state(inst, inst.status.image or "")
+        image = inst.status.image or ""
+        state, message = await self.image_state(inst, image) if image else (PRESENT, "diskless")
         if state == DOWNLOADING:
             return NOT_YET
         if state == UNAVAILABLE:
