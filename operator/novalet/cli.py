@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--lease-namespace", default="kube-node-lease")
     ctl.add_argument("--placement", choices=("spread", "pack"), default="spread",
                      help="the scheduler's weigher: spread (most free memory first, the default) or pack")
+    ctl.add_argument("--evacuate-after", type=float, default=60.0, metavar="S",
+                     help="seconds a node's agent Lease must have been expired before Evacuate rebuilds its "
+                          "instances elsewhere (default 60)")
     ctl.add_argument("--scheduler-lease", default="novalet-scheduler", metavar="NAME",
                      help="the Lease (in --lease-namespace) the one active scheduler holds")
     ctl.add_argument("--scheduler", action=argparse.BooleanOptionalAction, default=True,

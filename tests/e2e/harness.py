@@ -84,7 +84,8 @@ class Agents:
         self.started.append(agent)
         return agent
 
-    def start_controller(self, webhook_port: int = 0, metrics_port: int = 0) -> AgentProcess:
+    def start_controller(self, webhook_port: int = 0, metrics_port: int = 0,
+                         extra_args: list[str] | None = None) -> AgentProcess:
         """`novalet controller`: the heartbeat watch, and the validating webhook if a port is given."""
         log = self.workdir / f"controller-{len(self.started)}.log"
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
@@ -93,6 +94,7 @@ class Agents:
             cmd += ["--webhook-port", str(webhook_port)]
         if metrics_port:
             cmd += ["--metrics-port", str(metrics_port)]
+        cmd += extra_args or []
         with log.open("ab") as out:
             process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         controller = AgentProcess("controller", log, process)

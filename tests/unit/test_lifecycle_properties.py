@@ -37,7 +37,9 @@ def defined_pairs() -> set[tuple[VmState, TaskState | None]]:
         for vm in policy.POLICY[action].vm_states:
             pairs |= {(vm, step.task_state) for step in plan.steps}
     for vm in policy.POLICY[A.MIGRATE].vm_states:
-        pairs |= {(vm, state) for state in migration.STATES}
+        pairs |= {(vm, state) for state in migration.STATES - {T.EVACUATE_REBUILDING}}
+    for vm in policy.POLICY[A.EVACUATE].vm_states:
+        pairs.add((vm, T.EVACUATE_REBUILDING))
     return pairs
 
 
@@ -61,6 +63,8 @@ def walk(sim: Sim, action: Action, succeed: bool, interrupt_at: int | None, inte
             trace.append(("supersedes", interrupt))
             if interrupt == A.RESET_STATE:
                 return Sim(data.draw(st.sampled_from([V.ACTIVE, V.ERROR])), None, None)
+            if interrupt in plans.COORDINATED:  # an evacuation: the dead node's task is left behind
+                return migrate(replace(sim, task=None), data, trace, interrupt)
             return walk(sim, interrupt, data.draw(st.booleans()), None, None, data, trace)
     end = final_vm_state(plan, origin, sim.pre_resize, succeed)
     pre = sim.pre_resize
@@ -71,9 +75,16 @@ def walk(sim: Sim, action: Action, succeed: bool, interrupt_at: int | None, inte
     return Sim(end, None, pre)
 
 
-def migrate(sim: Sim, data, trace: list) -> Sim:
+def migrate(sim: Sim, data, trace: list, action: Action = A.MIGRATE) -> Sim:
     """A migration's walk through core/migration.py's table, each step done or failed: it ends
-    where it began (moved, or rolled back), or in error when its last step fails."""
+    where it began (moved, or rolled back), or in error when its last step fails. An evacuation
+    is one step on the target: the guest rebuilt (active, or stopped if it was), or in error."""
+    if action == A.EVACUATE:
+        trace.append((sim.vm, T.EVACUATE_REBUILDING))
+        assert (sim.vm, T.EVACUATE_REBUILDING) in DEFINED, trace
+        if not data.draw(st.booleans()):
+            return Sim(V.ERROR, None, None)
+        return Sim(V.STOPPED if sim.vm == V.STOPPED else V.ACTIVE, None, None)
     state = T.MIGRATE_SCHEDULING
     while True:
         trace.append((sim.vm, state))
@@ -98,8 +109,8 @@ def apply(sim: Sim, action: Action, data, trace: list) -> Sim:
         return Sim(data.draw(st.sampled_from([V.ACTIVE, V.ERROR])), None, None)
     if action in plans.BOOKKEEPING:
         return sim
-    if action == A.MIGRATE:
-        return migrate(sim, data, trace)
+    if action in plans.COORDINATED:
+        return migrate(sim, data, trace, action)
     plan = plan_of(action)
     succeed = data.draw(st.booleans())
     interrupt_at = data.draw(st.none() | st.integers(0, len(plan.steps) - 1))

@@ -45,8 +45,8 @@ def test_hard_reboot_refused_during_other_tasks(task):
         assert not is_allowed(A.REBOOT_HARD, vm, task), (vm, task)
 
 
-def test_error_allows_only_delete_rebuild_hard_reboot_and_reset_state():
-    assert set(allowed_actions(V.ERROR, None)) == {A.DELETE, A.REBUILD, A.REBOOT_HARD, *ALWAYS}
+def test_error_allows_only_delete_rebuild_hard_reboot_reset_state_and_evacuate():
+    assert set(allowed_actions(V.ERROR, None)) == {A.DELETE, A.REBUILD, A.REBOOT_HARD, A.EVACUATE, *ALWAYS}
 
 
 @pytest.mark.parametrize("vm", list(VmState))
@@ -63,6 +63,8 @@ def test_any_other_action_while_a_task_runs_is_rejected(task):
         expected = set(ALWAYS)
         if task in HARD_SUPERSEDES and vm in HARD_REBOOT_VMS:
             expected.add(A.REBOOT_HARD)
+        if vm not in (V.DELETED, V.BUILDING):  # its node is dead: whatever task it was in
+            expected.add(A.EVACUATE)
         assert allowed == expected, (vm, task)
 
 

@@ -164,6 +164,8 @@ class Engine:
         request, refusal = await self._vouch(inst, request)
         if refusal is None and request.action not in BOOKKEEPING:
             refusal = policy.refusal(request.action, inst.status.vmState or VmState.BUILDING, None)
+        if refusal is None and request.action == A.EVACUATE:  # the scheduler's, for a dead node: this one runs
+            refusal = migration.evacuation_refusal(inst.spec.nodeName, self.node, None, 0, inst.status.currentTask)
         if refusal is None and request.action == A.MIGRATE:
             asked = inst.spec.action
             refusal = migration.refusal(inst.status.vmState or VmState.BUILDING, bool(asked.live),
@@ -505,23 +507,29 @@ class Engine:
                              message: str = "") -> float | None:
         """The last step's actor ends the task: where the instance now rests (core/migration.ending)."""
         node, vm = migration.ending(task, succeeded)
-        succeeded = succeeded and task.taskState == TaskState.MIGRATE_FINISHING
-        message = message or task.migration.note or (f"moved from node {task.migration.sourceNode} to node {node}"
-                                                     if succeeded else "rolled back")
+        succeeded = succeeded and task.taskState in (TaskState.MIGRATE_FINISHING, TaskState.EVACUATE_REBUILDING)
+        moved = (f"rebuilt on node {node} from image {task.originImage or '(none: diskless)'}; what was on node "
+                 f"{task.migration.sourceNode}'s local disk is lost" if task.name == A.EVACUATE.value
+                 else f"moved from node {task.migration.sourceNode} to node {node}")
+        message = message or task.migration.note or (moved if succeeded else "rolled back")
         if task.migration.revertFailed:
             vm = VmState.ERROR
         facts = await self.ops.facts(parse(body)) if node == self.node else None
         power = facts.power_state if facts else parse(body).status.powerState
 
+        evacuated = {"evacuatedFrom": task.migration.sourceNode} if task.name == A.EVACUATE.value else {}
+
         def ended(status: VirtualInstanceStatus) -> VirtualInstanceStatus:
             status = transitions.finish(status, None, succeeded, message, now(), power, vm_state=vm,
                                         backoff_policy=self.backoff_policy)
-            return status.model_copy(update={"node": node})
+            return status.model_copy(update={"node": node, **evacuated})
 
         body = await self._cas(body, ended, guard=lambda i: i.status.currentTask == task)
         self._count_end(task, "Succeeded" if succeeded else "Failed")
-        await self.events.emit(body, "Migrated" if succeeded else "MigrationFailed",
-                               f"Migrate {task.id}: {message}", warning=not succeeded)
+        reason = {(A.MIGRATE.value, True): "Migrated", (A.MIGRATE.value, False): "MigrationFailed",
+                  (A.EVACUATE.value, True): "Evacuated", (A.EVACUATE.value, False): "EvacuationFailed"}
+        await self.events.emit(body, reason[task.name, succeeded], f"{task.name} {task.id}: {message}",
+                               warning=not succeeded)
         await self.store.write_label(body, parse(body))
         return 0.0
 

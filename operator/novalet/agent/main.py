@@ -23,6 +23,7 @@ from ..api.models import AllocationRatios, Resources, VirtualInstance
 from ..api.policies import MIGRATING, UNPLACED
 from ..core.backoff import BackoffPolicy
 from ..core.catalog import SnapshotQuota
+from ..core import migration
 from ..core.fencing import LeaseTiming
 from ..core.reaping import ReapPolicy
 from ..kube.client import RetryForever, api_client, register_login
@@ -221,6 +222,9 @@ class Agent:
             if served and body["metadata"]["namespace"] not in served:
                 continue  # kopf watches only those namespaces: the sweep looks at no other
             inst = await self.unreadable.parse(body)  # None: reported on the object, skipped
+            if inst is not None and migration.evacuated_here(inst.status.evacuatedFrom, inst.status.node,
+                                                             inst.status.currentTask, self.node):
+                await self.remove_evacuated(body, inst)
             if inst is not None and self.engine.is_mine(inst):
                 await self.label(body, inst)  # else its changes would never reach this agent's watch
                 self.remember(body)
@@ -262,6 +266,19 @@ class Agent:
             raise
         except Exception as error:  # noqa: BLE001
             log.warning("%s/%s: node label not written: %s", *key_of(body), error)
+
+    async def remove_evacuated(self, body: dict[str, Any], inst: VirtualInstance) -> None:
+        """This node came back after its instance was evacuated: destroy the stale domain and
+        its disks, never start them (a failure is logged: the next sweep tries again)."""
+        try:
+            if await self.ops.remove_evacuated(inst):
+                log.warning("%s/%s: evacuated to node %s while this node was dead: stale domain and disks "
+                            "destroyed", *key_of(body), inst.status.node)
+                await self.engine.events.emit(body, "StaleGuestDestroyed", (
+                    f"node {self.node} came back after the instance was evacuated to node {inst.status.node}: "
+                    "its stale domain and disks there were destroyed, not started"), warning=True)
+        except Exception as error:  # noqa: BLE001
+            log.warning("%s/%s: stale domain of an evacuated instance not removed: %s", *key_of(body), error)
 
     def kick_uid(self, uid: str) -> None:
         """libvirt reported a change of a domain: look at its instance."""

@@ -189,6 +189,7 @@ class Operations:
             Op.MIGRATE_FINISH_TARGET: self.op_migrate_finish_target,
             Op.MIGRATE_REVERT_SOURCE: self.op_migrate_revert_source,
             Op.MIGRATE_REVERT_TARGET: self.op_migrate_revert_target,
+            Op.EVACUATE_REBUILD: self.op_evacuate_rebuild,
         }
 
     async def run(self, op: Op, inst: VirtualInstance) -> Any:
@@ -494,6 +495,29 @@ class Operations:
 
     async def op_migrate_revert_target(self, inst: VirtualInstance) -> None:
         await self._call(self.hv.remove_inactive, inst.metadata.uid, side="target")
+
+    async def op_evacuate_rebuild(self, inst: VirtualInstance) -> str | None:
+        """The target of an evacuation: the guest built afresh from its image (NOT_YET while the
+        image downloads), booted unless it was stopped; safe to run again."""
+        image = inst.status.image or ""
+        state, message = await self.image_state(inst, image) if image else (PRESENT, "diskless")
+        if state == DOWNLOADING:
+            return NOT_YET
+        if state == UNAVAILABLE:
+            raise OperationError(message)
+        await self.op_plug_network(inst)
+        await self.op_prepare_disks(inst)
+        if inst.status.currentTask.originVmState != VmState.STOPPED:
+            await self.op_start(inst)
+        return None
+
+    async def remove_evacuated(self, inst: VirtualInstance) -> bool:
+        """Destroy this node's stale copy of an instance evacuated from it, domain and disks;
+        True when there was one (core/migration.evacuated_here decides when)."""
+        if not (await self.facts(inst)).exists and not self.hv.images.instance_dir(inst.metadata.uid).exists():
+            return False
+        await self._call(self.hv.undefine_and_delete, inst.metadata.uid)
+        return True
 
     async def op_delete(self, inst: VirtualInstance) -> None:
         await self._call(self.hv.undefine_and_delete, inst.metadata.uid)

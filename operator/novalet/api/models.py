@@ -47,11 +47,12 @@ class ActionRequest(Model):
         ("self.name != 'SetPassword' || has(self.secretRef)", "SetPassword needs secretRef"),
         ("self.name != 'ResetState' || has(self.state)", "ResetState needs state: active or error"),
         ("self.name == 'Lock' || !has(self.reason)", "reason applies to Lock only"),
-        ("self.name == 'Migrate' || (!has(self.targetNode) && !has(self.live))",
-         "targetNode and live apply to Migrate only"),
+        ("self.name == 'Migrate' || self.name == 'Evacuate' || !has(self.targetNode)",
+         "targetNode applies to Migrate and Evacuate only"),
+        ("self.name == 'Migrate' || !has(self.live)", "live applies to Migrate only"),
     ))
     name: Literal["Reboot", "Rebuild", "Snapshot", "SetPassword", "ConfirmResize", "RevertResize",
-                  "ResetState", "Lock", "Unlock", "Migrate"]
+                  "ResetState", "Lock", "Unlock", "Migrate", "Evacuate"]
     id: ActionId = Field(description="Unique per request; commit a new id to ask again.")
     type: Literal["Soft", "Hard"] | None = Field(default=None, description="Reboot type.")
     snapshotName: str | None = Field(default=None, pattern=r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$",
@@ -63,8 +64,8 @@ class ActionRequest(Model):
     state: Literal["active", "error"] | None = Field(default=None, description="ResetState target.")
     reason: str | None = Field(default=None, max_length=255, description="Why the instance is locked (Lock).")
     targetNode: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=63,
-                                   description="Migrate: the node to move to (the scheduler's filters still apply); "
-                                               "empty: the scheduler picks one.")
+                                   description="Migrate, Evacuate: the node to move to (the scheduler's filters "
+                                               "still apply); empty: the scheduler picks one.")
     live: bool | None = Field(default=None, description="Migrate: true moves the running guest without a restart "
                                                         "(active or paused); false (the default) stops it, moves "
                                                         "the disk and boots it there (active or stopped).")
@@ -234,6 +235,9 @@ class VirtualInstanceStatus(StatusModel):
     powerState: PowerState | None = None
     phase: str | None = None
     node: str | None = None
+    evacuatedFrom: str | None = Field(default=None, description="The node the instance was last evacuated from: "
+                                                                "its agent destroys the stale domain and disks "
+                                                                "when it comes back, never starts them.")
     domainUUID: str | None = None
     observedGeneration: int | None = None
     flavor: Flavor | None = Field(default=None, description="The flavor the domain runs with.")

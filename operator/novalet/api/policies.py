@@ -164,7 +164,7 @@ def requests_policy() -> list[dict[str, Any]]:
             f"'metadata.annotations[{REQUESTED_BY}] records who last changed the spec; the apiserver sets it"
             f" (admission policy {REQUESTER_POLICY}) and it cannot be set or changed by hand'"),
         _validation(
-            "!(variables.actionName in ['ResetState', 'Migrate']) || variables.admin",
+            "!(variables.actionName in ['ResetState', 'Migrate', 'Evacuate']) || variables.admin",
             "variables.actionName + ' is for administrators: RBAC does not allow ' + request.userInfo.username"
             f" + ' to update virtualinstances/{ADMIN_SUBRESOURCE} ({GROUP}) in namespace ' + request.namespace"
             f" + '; ask a cluster administrator ({ADMIN_ROLE_HINT})'"),

@@ -105,7 +105,7 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
         if args.scheduler:
             identity = f"scheduler/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
             scheduler = Scheduler(await api_client(), args.lease_namespace, identity, policy=args.placement,
-                                  lease_name=args.scheduler_lease)
+                                  lease_name=args.scheduler_lease, evacuate_after_s=args.evacuate_after)
             background.append(asyncio.get_running_loop().create_task(scheduler.run()))
 
     @kopf.on.cleanup(registry=registry)

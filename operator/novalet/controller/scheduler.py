@@ -15,7 +15,8 @@ at again next round.
 import asyncio
 import logging
 import time
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -23,15 +24,18 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from .. import GROUP, VERSION
-from ..api.models import Resources, VirtualInstance, VirtualInstanceStatus
+from ..api.models import MigrationRecord, Resources, VirtualInstance, VirtualInstanceStatus
 from ..api.policies import MIGRATING, UNPLACED
-from ..core import capacity, conditions, placement, transitions
+from ..core import authorization, capacity, conditions, migration, placement, transitions
+from ..core.desire import seen_ids
+from ..core.policy import refusal as state_refusal
 from ..core.fencing import LeaseTiming
 from ..core.interfaces import interfaces_of
 from ..core.presentation import with_presentation
-from ..core.vocabulary import TaskState
+from ..core.vocabulary import Action, TaskState, VmState
+from ..kube.access import Access
 from ..kube.instances import NODE_LABEL, Conflict, Gone, InstanceStore, parse
-from ..kube.lease import NodeLease, view
+from ..kube.lease import LeaseView, NodeLease, view
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ def scheduled(status: VirtualInstanceStatus, node: str | None, message: str, uid
 class Scheduler:
     def __init__(self, api: client.ApiClient, lease_namespace: str, identity: str,
                  policy: placement.Policy = "spread", interval_s: float = 1.0,
-                 timing: LeaseTiming | None = None, lease_name: str = LEASE) -> None:
+                 timing: LeaseTiming | None = None, lease_name: str = LEASE, evacuate_after_s: float = 60.0) -> None:
         self.custom = client.CustomObjectsApi(api)
         self.coordination = client.CoordinationV1Api(api)
         self.store = InstanceStore(api)
@@ -65,14 +69,22 @@ class Scheduler:
         self.lease = NodeLease(api, lease_namespace, "scheduler", identity, self.timing, name=lease_name, labels={})
         self.lease_namespace, self.policy, self.interval_s = lease_namespace, policy, interval_s
         self._renewed_at: float | None = None
+        self.evacuate_after_s = evacuate_after_s
+        self.access = Access(api)
+        self._leases: dict[str, LeaseView] = {}  # node -> its agent's Lease, as the last hosts() read it
 
     def holds(self) -> bool:
         return self._renewed_at is not None and time.monotonic() - self._renewed_at < self.timing.renew_deadline_s
 
-    async def hosts(self) -> list[placement.Host]:
+    async def _read_leases(self) -> set[str]:
+        """The agents' Leases (kept for Evacuate); returns the nodes whose agent is alive."""
         leases = await self.coordination.list_namespaced_lease(self.lease_namespace, label_selector=NODE_LABEL)
         now = datetime.now(UTC)
-        alive = {lease.metadata.labels[NODE_LABEL] for lease in leases.items if not view(lease).expired(now)}
+        self._leases = {lease.metadata.labels[NODE_LABEL]: view(lease) for lease in leases.items}
+        return {node for node, lease in self._leases.items() if not lease.expired(now)}
+
+    async def hosts(self) -> list[placement.Host]:
+        alive = await self._read_leases()
         listed = await self.custom.list_cluster_custom_object(GROUP, VERSION, "hypervisors")
         hosts = []
         for item in listed["items"]:
@@ -126,7 +138,8 @@ class Scheduler:
         Migrating (api/policies.py): the full list of every instance, to count what each node
         holds, only when one waits. Migrations asked for are placed first."""
         if not ([b async for b in self.store.list_all(f"{NODE_LABEL}={UNPLACED}") if self._waits(b)]
-                or [b async for b in self.store.list_all(f"{NODE_LABEL}={MIGRATING}") if self._migration_waits(b)]):
+                or [b async for b in self.store.list_all(f"{NODE_LABEL}={MIGRATING}") if self._migration_waits(b)]
+                or await self._evacuations()):
             return 0
         hosts = await self.hosts()
         bodies, waiting, moving = [], [], []
@@ -145,6 +158,10 @@ class Scheduler:
             if not self.holds():
                 return placed
             placed += await self._target(body, inst, hosts, used, now)
+        for body in await self._evacuations():
+            if not self.holds():
+                return placed
+            placed += await self._evacuate(body, parse(body), hosts, used, now)
         waiting.sort(key=lambda pair: (pair[0]["metadata"].get("creationTimestamp") or "", pair[1].metadata.name))
         demands = [(i, demand_of(inst, await self.image_nodes(inst, hosts))) for i, (_, inst) in enumerate(waiting)]
         for index, node, message in placement.schedule(((str(i), d) for i, d in demands), hosts, used, self.policy):
@@ -153,6 +170,72 @@ class Scheduler:
                 return placed
             placed += await self._write(body, inst, node, message, now)
         return placed
+
+    async def _evacuations(self) -> list[dict[str, Any]]:
+        """Instances on nodes whose agent is not alive (labelled with neither a live node, nor
+        Unplaced, nor Migrating) with an Evacuate request not answered yet."""
+        alive = sorted(await self._read_leases())
+        selector = f"{NODE_LABEL} notin ({','.join([*alive, UNPLACED, MIGRATING])})"
+        found = []
+        async for body in self.store.list_all(selector):
+            action = (body.get("spec") or {}).get("action") or {}
+            if action.get("name") == Action.EVACUATE.value:
+                try:
+                    inst = parse(body)
+                except ValidationError:
+                    continue
+                if action["id"] not in seen_ids(inst.status):
+                    found.append(body)
+        return found
+
+    async def _evacuate(self, body: dict[str, Any], inst: VirtualInstance, hosts: list[placement.Host],
+                        used: dict[str, Resources], now: datetime) -> int:
+        """Evacuate (core/migration.py): refused (who asks may not; the node is not dead long
+        enough), or begun straight on the target the filters pick, which rebuilds the guest."""
+        asked = inst.spec.action
+        refusal = await self._who_may(inst)
+        node_name = inst.status.node or ""
+        lease = self._leases.get(node_name)
+        dead_for = None if lease is not None and not lease.expired(now) else (
+            (now - (lease.renewed + timedelta(seconds=lease.duration_s))).total_seconds()
+            if lease is not None and lease.renewed else self.evacuate_after_s)
+        refusal = refusal or state_refusal(Action.EVACUATE, inst.status.vmState or VmState.BUILDING, None) \
+            or migration.evacuation_refusal(inst.spec.nodeName, inst.status.node, dead_for, self.evacuate_after_s,
+                                            inst.status.currentTask)
+        target, message = None, refusal
+        if refusal is None:
+            demand = demand_of(inst, await self.image_nodes(inst, hosts))
+            target, message = placement.choose_target(demand, hosts, used, node_name, asked.targetNode, self.policy)
+        if target is None:
+            status = transitions.reject(inst.status, Action.EVACUATE.value, asked.id,
+                                        message if refusal else f"no target: {message}", now, handled=True,
+                                        requested_by=asked.requestedBy)
+        else:
+            record = MigrationRecord(sourceNode=node_name, targetNode=target)
+            status = transitions.begin_migration(inst.status, asked.id, "scheduler", now, inst.status.powerState,
+                                                 record, TaskState.EVACUATE_REBUILDING,
+                                                 requested_by=asked.requestedBy, action=Action.EVACUATE)
+        status = with_presentation(status, now, inst.spec, inst.metadata.generation)
+        try:
+            body = await self.store.write_status(body, status)
+        except (Conflict, Gone):
+            return 0
+        log.info("%s/%s: Evacuate %s: %s", inst.metadata.namespace, inst.metadata.name, asked.id,
+                 f"rebuilding on node {target}" if target else message)
+        if target is not None:  # the target's watch sees it from now on
+            await self.store.write_label(body, parse(body))
+        return int(target is not None)
+
+    async def _who_may(self, inst: VirtualInstance) -> str | None:
+        """Evacuate is for administrators: as the agents do, trust the requester only as far as the
+        apiserver vouches for it, and ask the apiserver again (core/authorization.py)."""
+        asked = inst.spec.action
+        asking = authorization.Asking(Action.EVACUATE, True, asked.requestedBy, False, inst.metadata.namespace,
+                                      inst.metadata.name)
+        asking = replace(asking, trusted=bool(asked.requestedBy) and await self.access.policies_in_force(fresh=True))
+        answers = {check: await self.access.allowed(asked.requestedBy, asked.requesterGroups, check)
+                   for check in authorization.checks(asking)}
+        return authorization.refusal(asking, answers)
 
     async def _target(self, body: dict[str, Any], inst: VirtualInstance, hosts: list[placement.Host],
                       used: dict[str, Resources], now: datetime) -> int:

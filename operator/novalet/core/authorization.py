@@ -18,9 +18,9 @@ from .vocabulary import Action
 A = Action
 
 # Actions whose authorization depends on who asks: without a vouched-for requester they are refused.
-IDENTITY_ACTIONS = frozenset({A.RESET_STATE, A.MIGRATE, A.SET_PASSWORD, A.LOCK, A.UNLOCK})
+IDENTITY_ACTIONS = frozenset({A.RESET_STATE, A.MIGRATE, A.EVACUATE, A.SET_PASSWORD, A.LOCK, A.UNLOCK})
 # Actions for administrators only (Nova's default policy): RBAC `update` on virtualinstances/admin.
-ADMIN_ACTIONS = frozenset({A.RESET_STATE, A.MIGRATE})
+ADMIN_ACTIONS = frozenset({A.RESET_STATE, A.MIGRATE, A.EVACUATE})
 
 POLICIES_HINT = ("install the admission policies (kubectl apply --server-side -f "
                  "crds/novalet.io_admission-policies.yaml, or the Helm chart) and request again with a new id")

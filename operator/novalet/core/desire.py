@@ -25,7 +25,7 @@ class Request:
 IMPERATIVE = {
     "Rebuild": A.REBUILD, "Snapshot": A.SNAPSHOT, "SetPassword": A.SET_PASSWORD,
     "ConfirmResize": A.CONFIRM_RESIZE, "RevertResize": A.REVERT_RESIZE, "ResetState": A.RESET_STATE,
-    "Lock": A.LOCK, "Unlock": A.UNLOCK, "Migrate": A.MIGRATE,
+    "Lock": A.LOCK, "Unlock": A.UNLOCK, "Migrate": A.MIGRATE, "Evacuate": A.EVACUATE,
 }
 
 # (desired powerState, vmState) -> the next step toward it.

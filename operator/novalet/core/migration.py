@@ -15,6 +15,14 @@ compare-and-swap. libvirt's own migration stream is the only thing between the t
 | `migrate_finishing`        | target    | cold: boot in the origin power state | the task ends: succeeded, on the target | ends in error, on the target |
 | `migrate_reverting_source` | source    | the origin power state on the source | `migrate_reverting_target` | `migrate_reverting_target` (error) |
 | `migrate_reverting_target` | target    | remove what preparing made | the task ends: failed, on the source | ends in error, on the source |
+| `evacuate_rebuilding`      | target    | a new disk from the image, booted unless it was stopped | the task ends: on the target | ends in error, on the target |
+
+Evacuate (admin-only) is for an instance whose node is dead: its agent's Lease expired more than
+`--evacuate-after` seconds ago. The scheduler checks that and picks (or checks) the target and
+writes the task straight in `evacuate_rebuilding`, with the dead node as its source; the target
+rebuilds the guest from its image, so what was on the dead node's local disk is lost.
+`status.evacuatedFrom` names the dead node: when its agent comes back, it destroys the stale
+domain and its disks instead of starting them (Nova does the same when a compute restarts).
 
 A cold migration of a running guest stops it first (Nova's migrate); its disk then moves over
 the same libvirt stream, with QEMU started paused on the source so the guest runs no
@@ -68,6 +76,7 @@ STEPS: dict[TaskState, MigrationStep] = {s.task_state: s for s in [
     MigrationStep(T.MIGRATE_REVERTING_SOURCE, Role.SOURCE, Op.MIGRATE_REVERT_SOURCE, T.MIGRATE_REVERTING_TARGET,
                   T.MIGRATE_REVERTING_TARGET),
     MigrationStep(T.MIGRATE_REVERTING_TARGET, Role.TARGET, Op.MIGRATE_REVERT_TARGET, None, None),
+    MigrationStep(T.EVACUATE_REBUILDING, Role.TARGET, Op.EVACUATE_REBUILD, None, None),
 ]}
 STATES = frozenset(STEPS)
 REVERTING = frozenset({T.MIGRATE_REVERTING_SOURCE, T.MIGRATE_REVERTING_TARGET})
@@ -121,6 +130,32 @@ def refusal(vm_state: VmState, live: bool, pinned: str | None, node: str | None,
     return None
 
 
+def evacuation_refusal(pinned: str | None, node: str | None, dead_for_s: float | None, after_s: float,
+                       task: CurrentTask | None) -> str | None:
+    """Why an Evacuate request is refused (None: it may begin). `dead_for_s`: how long ago the
+    node's agent Lease expired (None: it is current)."""
+    if pinned:
+        return (f"the instance is pinned to node {pinned} by spec.nodeName: remove spec.nodeName to let it be "
+                "rebuilt elsewhere")
+    if not node:
+        return "the instance is not placed on a node yet"
+    if is_migration(task):
+        return f"a {task.name} task is under way ({task.taskState.value}): it ends first"
+    if dead_for_s is None:
+        return f"node {node} is alive (its agent holds its Lease): use Migrate to move the instance"
+    if dead_for_s < after_s:
+        return (f"node {node}'s agent has been gone for {dead_for_s:.0f} s only; Evacuate waits {after_s:g} s "
+                "(--evacuate-after), so that a slow node is not taken for a dead one: ask again later")
+    return None
+
+
+def evacuated_here(evacuated_from: str | None, placed_on: str | None, task: CurrentTask | None, node: str) -> bool:
+    """Is a domain of this instance on `node` a stale copy the node's agent must destroy? Only
+    when the instance was evacuated from `node` and lives elsewhere now, outside any migration
+    that involves `node`."""
+    return evacuated_from == node and placed_on != node and not involves(task, node)
+
+
 def after_target_ready(task: CurrentTask, source: Facts) -> TaskState:
     """The source's hand-over: a cold migration of a guest that runs stops it first."""
     running = source.exists and source.power_state in (PowerState.RUNNING, PowerState.PAUSED)
@@ -166,8 +201,11 @@ def finished_on_target(origin: VmState, target: Facts) -> bool:
 
 def ending(task: CurrentTask, succeeded: bool) -> tuple[str, VmState]:
     """Where the instance rests when the task ends: (its node, its vm state). A failed finish on
-    the target leaves it there in error; a failed revert leaves it on the source in error."""
+    the target leaves it there in error; a failed revert leaves it on the source in error. An
+    evacuated guest is booted afresh, unless it was stopped (Nova's evacuate)."""
     m = task.migration
+    if task.taskState == T.EVACUATE_REBUILDING:
+        return m.targetNode, (V.STOPPED if task.originVmState == V.STOPPED else V.ACTIVE) if succeeded else V.ERROR
     if task.taskState == T.MIGRATE_FINISHING:
         return m.targetNode, task.originVmState if succeeded else V.ERROR
     if task.taskState == T.MIGRATE_REVERTING_TARGET and not succeeded:

@@ -83,7 +83,7 @@ STABLE_VM_STATES = frozenset(VmState) - {V.BUILDING}
 BOOKKEEPING = frozenset({A.RESET_STATE, A.LOCK, A.UNLOCK})
 # Actions carried out by two agents (and the scheduler) in turn: their steps and recovery are
 # core/migration.py's table, not a plan one agent runs.
-COORDINATED = frozenset({A.MIGRATE})
+COORDINATED = frozenset({A.MIGRATE, A.EVACUATE})
 
 
 def plan_of(action: Action) -> Plan:

@@ -52,6 +52,8 @@ POLICY: dict[Action, Allowed] = {
     A.SET_PASSWORD: Allowed(_vm(V.ACTIVE)),
     # live: active or paused; cold: active or stopped (core/migration.py refuses the other kind)
     A.MIGRATE: Allowed(_vm(V.ACTIVE, V.PAUSED, V.STOPPED)),
+    # its host is dead: whatever task it was in stays there (core/migration.py checks the host)
+    A.EVACUATE: Allowed(ANY_VM - {V.DELETED, V.BUILDING}, ANY_TASK),
     A.DELETE: Allowed(ANY_VM, ANY_TASK),
     A.RESET_STATE: Allowed(ANY_VM, ANY_TASK),
     # Nova's lock/unlock: bookkeeping only, allowed in any state (who may is checked at admission)
@@ -80,5 +82,5 @@ def refusal(action: Action, vm_state: VmState, task_state: TaskState | None) -> 
         return None
     where = f"task_state is {task_state}" if task_state else f"vm_state is {vm_state}"
     options = ", ".join(_describe(a) for a in allowed_actions(vm_state, task_state)
-                        if a not in (A.RESET_STATE, A.CREATE, A.LOCK, A.UNLOCK))
+                        if a not in (A.RESET_STATE, A.CREATE, A.LOCK, A.UNLOCK, A.MIGRATE, A.EVACUATE))
     return f"cannot {_describe(action)} while {where}; allowed: {options}"

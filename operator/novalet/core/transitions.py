@@ -58,15 +58,22 @@ def begin(status: VirtualInstanceStatus, plan: Plan, request_id: str, owner: str
 
 def begin_migration(status: VirtualInstanceStatus, request_id: str, owner: str, now: datetime,
                     power: PowerState | None, record: MigrationRecord, first: TaskState, *,
-                    requested_by: str | None = None) -> VirtualInstanceStatus:
-    """Acknowledge a Migrate request (core/migration.py): from this first write the task records
-    both sides and the origin vm and power state a rollback returns to."""
-    task = CurrentTask(name=Action.MIGRATE.value, id=request_id, taskState=first,
+                    requested_by: str | None = None, action: Action = Action.MIGRATE) -> VirtualInstanceStatus:
+    """Acknowledge a Migrate (or Evacuate) request (core/migration.py): from this first write the
+    task records both sides and the origin vm and power state a rollback returns to. A task the
+    dead node left on record (Evacuate) goes into the history as failed first."""
+    if status.currentTask is not None:
+        left = status.currentTask
+        status = _copy(status, **_record(status, ActionRecord(
+            name=left.name, id=left.id, result="Failed", startedAt=left.startedAt, finishedAt=now,
+            requestedBy=left.requestedBy, message=f"interrupted in {left.taskState.value}: node "
+                                                  f"{record.sourceNode} died; superseded by {action.value}")))
+    task = CurrentTask(name=action.value, id=request_id, taskState=first,
                        originVmState=status.vmState or V.BUILDING, originPowerState=power,
                        originFlavor=status.flavor, originImage=status.image, requestedBy=requested_by,
                        owner=owner, startedAt=now, migration=record)
     return with_presentation(_copy(status, taskState=first, currentTask=task,
-                                   **_handled(status, True, Action.MIGRATE.value, request_id, now)), now)
+                                   **_handled(status, True, action.value, request_id, now)), now)
 
 
 def migration_step(status: VirtualInstanceStatus, task_state: TaskState, owner: str, now: datetime,

@@ -56,6 +56,7 @@ class TaskState(StrEnum):
     MIGRATE_FINISHING = "migrate_finishing"
     MIGRATE_REVERTING_SOURCE = "migrate_reverting_source"
     MIGRATE_REVERTING_TARGET = "migrate_reverting_target"
+    EVACUATE_REBUILDING = "evacuate_rebuilding"
     DELETING = "deleting"
 
 
@@ -95,6 +96,7 @@ class Action(StrEnum):
     SNAPSHOT = "Snapshot"
     SET_PASSWORD = "SetPassword"
     MIGRATE = "Migrate"
+    EVACUATE = "Evacuate"
     DELETE = "Delete"
     RESET_STATE = "ResetState"
     LOCK = "Lock"
@@ -135,6 +137,7 @@ class Op(StrEnum):
     MIGRATE_FINISH_TARGET = "migrate_finish_target"
     MIGRATE_REVERT_SOURCE = "migrate_revert_source"
     MIGRATE_REVERT_TARGET = "migrate_revert_target"
+    EVACUATE_REBUILD = "evacuate_rebuild"
     # recovery only
     REMOVE_PARTIAL_SNAPSHOT = "remove_partial_snapshot"
     REVERT_RESIZE_INFLIGHT = "revert_resize_inflight"
