@@ -70,7 +70,7 @@ def plan_table() -> str:
     notes = [
         f"A soft reboot the guest ignores escalates to {_code(esc.task_state)} ({esc.op}).",
         f"No plan: {', '.join(unplanned) or 'none'} (sets the vmState directly, clears the task).",
-        f"Two agents in turn: {', '.join(a.value for a in plans.COORDINATED)} (the migration table below).",
+        f"Two agents in turn: {', '.join(a.value for a in Action if a in plans.COORDINATED)} (the migration table below).",
     ]
     unowned = [t for t in TaskState if t not in migration.STATES
                and not any(s.task_state == t for p in plans.PLANS.values() for s in p.steps)]
