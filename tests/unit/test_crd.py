@@ -1,4 +1,5 @@
 """The CRD in crds/ is generated from the pydantic models and is a structural schema."""
+import re
 from pathlib import Path
 
 import pydantic
@@ -162,7 +163,9 @@ def test_bad_image_names_are_rejected(image):
     {"flavor": FLAVOR, "powerState": "Hibernated"},
     {"flavor": FLAVOR, "unknown": 1},
     {"flavor": FLAVOR, "nodeName": "Node_1"},
-    {"flavor": FLAVOR, "action": {"name": "Migrate", "id": "x"}},
+    {"flavor": FLAVOR, "action": {"name": "Shelve", "id": "x"}},
+    {"flavor": FLAVOR, "action": {"name": "Migrate", "id": "x", "targetNode": "Node_B"}},
+    {"flavor": FLAVOR, "action": {"name": "Migrate", "id": "x", "live": "sometimes"}},
     {"flavor": FLAVOR, "action": {"name": "Reboot", "id": "", "type": "Soft"}},
     {"flavor": FLAVOR, "action": {"name": "Reboot", "id": "x", "type": "Warm"}},
     {"flavor": FLAVOR, "action": {"name": "Snapshot", "id": "x", "snapshotName": "../snap"}},
@@ -170,6 +173,72 @@ def test_bad_image_names_are_rejected(image):
 def test_bad_specs_are_rejected(bad):
     with pytest.raises(pydantic.ValidationError):
         VirtualInstanceSpec(**bad)
+
+
+@pytest.mark.parametrize("action", [
+    {"name": "Migrate", "id": "m1"},
+    {"name": "Migrate", "id": "m2", "targetNode": "node-b"},
+    {"name": "Migrate", "id": "m3", "targetNode": "node-b", "live": True},
+    {"name": "Migrate", "id": "m4", "live": False},
+])
+def test_migrate_is_a_valid_action(action):
+    spec = VirtualInstanceSpec(flavor=FLAVOR, action=action)
+    assert spec.action.name == "Migrate"
+    assert spec.action.targetNode == action.get("targetNode")
+
+
+# The CEL rules are the apiserver's to enforce (pydantic ignores them): evaluate the small subset
+# of CEL the action's rules use (==, !=, has(), !, &&, ||, parentheses, 'strings') here.
+CEL_SUBSET = re.compile(r"(\s+|self\.\w+|has\(self\.\w+\)|'[^']*'|==|!=|!|&&|\|\||\(|\))+")
+
+
+def cel_allows(rule: str, obj: dict) -> bool:
+    assert CEL_SUBSET.fullmatch(rule), f"a rule outside the subset this test evaluates: {rule}"
+    expr = re.sub(r"has\(self\.(\w+)\)", r"('\1' in self)", rule)
+    expr = re.sub(r"self\.(\w+)", r"self.get('\1')", expr)
+    expr = re.sub(r"!(?!=)", " not ", expr.replace("&&", " and ").replace("||", " or "))
+    return eval(expr, {"__builtins__": {}}, {"self": obj})  # our own rules, checked against CEL_SUBSET
+
+
+def refused_by(schema: dict, action: dict) -> list[str]:
+    rules = schema["properties"]["spec"]["properties"]["action"]["x-kubernetes-validations"]
+    return [r["message"] for r in rules if not cel_allows(r["rule"], action)]
+
+
+@pytest.mark.parametrize("action", [
+    {"name": "Migrate", "id": "m"},
+    {"name": "Migrate", "id": "m", "targetNode": "node-b", "live": True},
+    {"name": "Migrate", "id": "m", "live": False},
+    {"name": "Reboot", "id": "r", "type": "Soft"},
+    {"name": "Snapshot", "id": "s", "snapshotName": "snap"},
+    {"name": "SetPassword", "id": "p", "secretRef": {"name": "pw"}},
+    {"name": "ResetState", "id": "x", "state": "active"},
+    {"name": "Lock", "id": "l", "reason": "audit"},
+    {"name": "Unlock", "id": "u"},
+    {"name": "Rebuild", "id": "b"},
+])
+def test_cel_rules_accept_valid_actions(schema, action):
+    assert refused_by(schema, action) == []
+
+
+@pytest.mark.parametrize("action", [
+    {"name": "Reboot", "id": "x", "type": "Soft", "live": True},
+    {"name": "Reboot", "id": "x", "type": "Hard", "live": False},  # has(): present, even false
+    {"name": "Rebuild", "id": "x", "targetNode": "node-b"},
+    {"name": "Lock", "id": "x", "targetNode": "node-b", "live": True},
+])
+def test_cel_rules_refuse_target_node_and_live_outside_migrate(schema, action):
+    refused = refused_by(schema, action)
+    assert refused and all("Migrate" in why for why in refused), refused
+    for field in ("targetNode", "live"):
+        if field in action:
+            assert any(field in why for why in refused), (field, refused)
+
+
+def test_cel_evaluation_here_can_refuse_the_other_rules_too(schema):
+    assert refused_by(schema, {"name": "Reboot", "id": "x"}) == ["Reboot needs type: Soft or Hard"]
+    typed = {"name": "Migrate", "id": "x", "type": "Hard"}
+    assert refused_by(schema, typed) == ["type applies to Reboot only"]
 
 
 def test_action_request_model_carries_the_cel_rules():

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 from novalet import docs_render
+from novalet.core import migration
 from novalet.core.vocabulary import Action, TaskState
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,8 +21,28 @@ def test_every_action_and_task_state_has_a_row():
     policy_rows = docs_render.policy_table().splitlines()[2:]
     assert [row.split("|")[1].strip() for row in policy_rows] == [a.value for a in Action]
     recovery_rows = docs_render.recovery_table().splitlines()[2:]
-    assert [row.split("|")[1].strip() for row in recovery_rows] == [f"`{t}`" for t in TaskState]
+    recovered = [t for t in TaskState if t not in migration.STATES]  # a migration's: the migration table
+    assert [row.split("|")[1].strip() for row in recovery_rows] == [f"`{t}`" for t in recovered]
+    migration_rows = docs_render.migration_table().split("\n\n")[0].splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in migration_rows] == [f"`{t}`" for t in migration.STEPS]
+    assert set(TaskState) == set(recovered) | set(migration.STEPS)  # every task state has a row, once
     assert "| Delete | any | any |" in text
+    assert docs_render.migration_table() in text
+
+
+def test_migration_rows_come_from_the_table():
+    rows = {row.split(" | ")[0].strip("| `"): row for row in docs_render.migration_table().splitlines()
+            if row.startswith("| `")}
+    for state, step in migration.STEPS.items():
+        assert f" {step.role} " in rows[state], state
+        if step.op:
+            assert f"`{step.op}`" in rows[state], state
+    assert "| `migrate_cleaning_source` | `migrate_reverting_source` |" in rows["migrating"]
+    # `migrating` found on record: one row per fact, each from look_at_migrating
+    decisions = docs_render.migration_table().split("| The source's domain | Decision |")[1]
+    assert "look again" in decisions
+    assert "| running | `migrate_reverting_source`" in decisions
+    assert "`migrate_cleaning_source`" in decisions.split("not defined")[1]
 
 
 def test_recovery_rows_come_from_recover():

@@ -22,6 +22,8 @@ def release():
 class FakeHypervisor:
     """Blocks in the calls the test names until released."""
 
+    uri = "test:///default"  # Operations' default MigrationEndpoint is this libvirt's URI
+
     def __init__(self, release: threading.Event, hang: set[str]):
         self.release, self.hang, self.calls = release, hang, []
 
@@ -99,6 +101,10 @@ async def test_libvirt_errors_stay_operation_errors(release):
     with pytest.raises(OperationError, match="domain is shut off") as caught:
         await ops.op_pause(Inst)
     assert not isinstance(caught.value, LibvirtTimeout)
+
+
+def test_the_default_migration_endpoint_is_the_agents_own_libvirt(release):
+    assert operations(FakeHypervisor(release, set())).migration.libvirt_uri == "test:///default"
 
 
 def test_budgets():

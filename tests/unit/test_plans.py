@@ -3,24 +3,45 @@ from collections import Counter
 
 import pytest
 
-from novalet.core import plans, policy
-from novalet.core.plans import BOOKKEEPING, PLANS, STABLE_VM_STATES, final_vm_state, plan_of, task_owner
-from novalet.core.vocabulary import Action, TaskState, VmState
+from novalet.core import migration, plans, policy
+from novalet.core.plans import (
+    BOOKKEEPING,
+    COORDINATED,
+    PLANS,
+    STABLE_VM_STATES,
+    final_vm_state,
+    plan_of,
+    task_owner,
+)
+from novalet.core.vocabulary import Action, PowerState, TaskState, VmState
 
 A, T, V = Action, TaskState, VmState
 
 # Nova task-state names no novalet plan writes (vocabulary kept for Nova compatibility); the
 # recovery table still has a rule for each (see test_recovery.py).
-NOT_WRITTEN_BY_ANY_PLAN = {T.REBOOTING, T.REBOOTING_HARD, T.IMAGE_UPLOADING, T.MIGRATING}
+NOVA_ONLY = {T.REBOOTING, T.REBOOTING_HARD, T.IMAGE_UPLOADING}
+# A migration's task states are core/migration.py's table (two agents in turn), not a plan's.
+NOT_WRITTEN_BY_ANY_PLAN = NOVA_ONLY | migration.STATES
 
 
-def test_every_action_but_reset_state_has_a_plan():
-    assert set(PLANS) == set(Action) - BOOKKEEPING
+def test_every_action_but_bookkeeping_and_migrate_has_a_plan():
+    assert A.MIGRATE in COORDINATED
+    assert not BOOKKEEPING & COORDINATED
+    assert set(PLANS) == set(Action) - BOOKKEEPING - COORDINATED
     for action, plan in PLANS.items():
         assert plan.action == action
         assert plan.steps, action
-    with pytest.raises(KeyError):
-        plan_of(A.RESET_STATE)
+    for action in {A.RESET_STATE} | COORDINATED:
+        with pytest.raises(KeyError):
+            plan_of(action)
+
+
+def test_migration_states_belong_to_no_plan():
+    """Nova's `migrating` is now the migration table's, as are novalet's migrate_* states."""
+    assert T.MIGRATING in migration.STATES
+    assert {t for t in TaskState if t.value.startswith("migrat")} <= migration.STATES
+    planned = {step.task_state for plan in PLANS.values() for step in plan.steps}
+    assert not planned & migration.STATES
 
 
 def test_each_task_state_belongs_to_at_most_one_plan_step():
@@ -146,12 +167,39 @@ def test_a_waiting_operation_is_the_last_operation_of_its_plan():
 
 def test_every_operation_the_plans_and_recovery_name_is_one_the_agent_runs():
     """An Op is an enum member the agent maps to a handler, not a string looked up by name."""
-    from novalet.agent.operations import Operations
+    from novalet.agent.operations import MigrationEndpoint, Operations
+    from novalet.core.recovery import RULES
     from novalet.core.vocabulary import Op
     from novalet.core.waits import WAITING_OPS
 
-    handled = set(Operations(object(), object(), "n", 1.0).handlers())
+    endpoint = MigrationEndpoint("test:///default")
+    handled = set(Operations(object(), object(), "n", 1.0, migration=endpoint).handlers())
     named = {step.op for plan in PLANS.values() for step in plan.steps if step.op}
-    assert named <= handled | WAITING_OPS
+    migrating = {step.op for step in migration.STEPS.values() if step.op}
+    assert migrating, "the migration table names its operations"
+    assert named | migrating <= handled | WAITING_OPS
+    assert not migrating & WAITING_OPS  # a migration step's actor runs its operation: no press and wait
+    assert recovery_cleanups(RULES) <= handled
     assert handled | WAITING_OPS == set(Op)  # no handler without a name, no name without a handler
     assert not handled & WAITING_OPS  # a wait is pressed, never run in a thread
+
+
+def recovery_cleanups(rules) -> set:
+    """The cleanup operations the recovery table names, from each rule's answer to a few facts."""
+    from datetime import UTC, datetime
+
+    from novalet.api.models import CurrentTask
+    from novalet.core.facts import MISSING, Facts
+
+    now = datetime(2024, 1, 1, tzinfo=UTC)
+    found = set()
+    for state, rule in rules.items():
+        for origin in (V.ACTIVE, V.STOPPED, V.RESIZED):
+            task = CurrentTask(name="x", id="t", taskState=state, originVmState=origin, owner="n",
+                               startedAt=now)
+            for facts in (Facts(), Facts(power_state=PowerState.SHUTOFF), MISSING):
+                cleanup = rule(task, facts).cleanup
+                if cleanup is not None:
+                    found.add(cleanup)
+    assert found, "the snapshot rules name a cleanup"
+    return found

@@ -3,8 +3,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from novalet.api.models import CurrentTask
-from novalet.core import recovery
+from novalet.api.models import CurrentTask, MigrationRecord
+from novalet.core import migration, recovery
 from novalet.core.facts import MISSING, Facts
 from novalet.core.plans import PLANS
 from novalet.core.recovery import Recovery, recover
@@ -23,12 +23,18 @@ def task(state: TaskState, origin: VmState = V.ACTIVE, id: str = "t1", **kw) -> 
                        startedAt=NOW, **kw)
 
 
-def test_every_task_state_has_a_rule():
-    missing = [t for t in TaskState if t not in recovery.RULES]
+# A migration's task states are decided by core/migration.py (each agent reads its own side).
+RECOVERED = [t for t in TaskState if t not in migration.STATES]
+
+
+def test_every_task_state_but_a_migrations_has_a_rule():
+    missing = [t for t in RECOVERED if t not in recovery.RULES]
     assert not missing, f"task states with no recovery rule: {missing}"
+    overlap = [t for t in migration.STATES if t in recovery.RULES]
+    assert not overlap, f"migration states the recovery table decides too (core/migration.py does): {overlap}"
 
 
-@pytest.mark.parametrize("state", list(TaskState))
+@pytest.mark.parametrize("state", RECOVERED)
 @pytest.mark.parametrize("facts", [RUNNING, OFF, MISSING], ids=["running", "off", "missing"])
 def test_every_rule_answers_for_running_off_and_missing_domains(state, facts):
     result = recover(task(state), facts)
@@ -220,23 +226,36 @@ def test_rebuild_is_redone(state):
         assert recover(task(state), facts) == Recovery("redo", A.REBUILD)
 
 
-def test_migrating_finishes_when_the_domain_is_here_in_its_origin_state_else_rolls_back():
-    assert recover(task(T.MIGRATING), RUNNING).kind == "finish"
-    assert recover(task(T.MIGRATING, V.STOPPED), OFF).kind == "finish"
-    for facts in (OFF, MISSING):
-        result = recover(task(T.MIGRATING, V.ACTIVE), facts)
-        assert (result.kind, result.vm_state) == ("abandon", V.ACTIVE)
-    result = recover(task(T.MIGRATING, V.STOPPED), MISSING)
-    assert (result.kind, result.vm_state) == ("abandon", V.STOPPED)
+# `migrating` is the migration table's (core/migration.look_at_migrating): found on record, the
+# source's domain decides, and the migration call is never made twice.
+
+def test_migrating_with_a_job_still_running_waits():
+    for facts in (Facts(migrating=True), Facts(power_state=P.PAUSED, migrating=True)):
+        look = migration.look_at_migrating(facts)
+        assert (look.kind, look.next_state) == ("wait", None)
 
 
-def test_migrating_a_paused_instance_follows_the_domain_state():
-    """A paused instance live-migrates as a paused domain: finding it paused here means it
-    arrived (finish paused); a running domain is not a paused instance."""
-    here_paused = recover(task(T.MIGRATING, V.PAUSED), Facts(power_state=P.PAUSED))
-    assert (here_paused.kind, here_paused.vm_state) == ("finish", V.PAUSED), here_paused
-    running = recover(task(T.MIGRATING, V.PAUSED), RUNNING)
-    assert not (running.kind == "finish" and running.vm_state == V.PAUSED), running
+def test_migrating_with_the_source_domain_gone_cleans_the_source():
+    """libvirt undefines the source's domain only once the guest runs on the target."""
+    look = migration.look_at_migrating(MISSING)
+    assert (look.kind, look.next_state) == ("goto", T.MIGRATE_CLEANING_SOURCE)
+
+
+@pytest.mark.parametrize("power", [P.RUNNING, P.PAUSED, P.SHUTOFF])
+def test_migrating_with_the_source_domain_still_here_rolls_back(power):
+    """The guest did not move: the source's domain is kept and the rollback begins on the source."""
+    look = migration.look_at_migrating(Facts(power_state=power))
+    assert (look.kind, look.next_state) == ("goto", T.MIGRATE_REVERTING_SOURCE)
+    assert look.message
+
+
+@pytest.mark.parametrize("origin", [V.ACTIVE, V.PAUSED, V.STOPPED])
+def test_the_source_reads_migrating_on_record_with_look_at_migrating(origin):
+    """The actor's look at `migrating` on record is look_at_migrating's, whatever the origin."""
+    record = MigrationRecord(sourceNode="node-a", targetNode="node-b", live=origin == V.PAUSED)
+    for facts in (RUNNING, OFF, MISSING, Facts(migrating=True)):
+        t = task(T.MIGRATING, origin, migration=record)
+        assert migration.look(t, facts) == migration.look_at_migrating(facts)
 
 
 def test_deleting_is_redone():
