@@ -21,6 +21,7 @@ from novalet_dev.guest import build_tiny_image, wait_for_marker
 from . import libvirt_checks as lv
 from .conftest import TINY, domain_uuids, remove_domains
 from .harness import status_of, unique_node
+from .test_plugin import novalet, ok
 
 pytestmark = pytest.mark.stack
 FLAVOR = {"vcpus": 1, "memoryMiB": 128}
@@ -141,7 +142,7 @@ def ends_on(target: Side, source: Side, uid: str, power: str) -> None:
     assert not list(Path("/run/novalet", target.node).glob(f"{uid}*")), "a migration socket is left"
 
 
-async def test_live_then_cold_migration_of_a_running_guest(two_hosts, instances, agents, kube_api):
+async def test_live_then_cold_migration_of_a_running_guest(two_hosts, instances, agents, kube_api, control_plane):
     first, second = two_hosts
     await wait_hypervisors(kube_api, first.node, second.node)
     await instances.create("vm", {"flavor": FLAVOR, "image": TINY})
@@ -157,7 +158,8 @@ async def test_live_then_cold_migration_of_a_running_guest(two_hosts, instances,
     body = await instances.get("vm")
     status = status_of(body)
     assert (status["node"], status["vmState"], status.get("taskState")) == (target.node, "active", None)
-    assert body["metadata"]["labels"]["novalet.io/node"] == target.node
+    await instances.wait("vm", lambda b: b["metadata"]["labels"]["novalet.io/node"] == target.node, 10,
+                         "the node label", agents)
     ends_on(target, source, uid, "running")
     after = guest_uptime(target.host.uri, uid)
     assert after > before, f"the guest restarted: uptime {before:.1f} s before the move, {after:.1f} s after"
@@ -165,9 +167,12 @@ async def test_live_then_cold_migration_of_a_running_guest(two_hosts, instances,
     await wait_allocated(kube_api, source.node, 0)
 
     # back, cold: stopped there, the disk moved, booted here (a fresh boot: a new uptime)
-    await instances.request("vm", {"name": "Migrate", "id": "cold-1", "live": False, "targetNode": source.node})
-    record = await instances.wait_done("vm", "cold-1", agents=agents, timeout=180)
-    assert record["result"] == "Succeeded", record
+    # (through the kubectl plugin, which waits for the outcome and records the request's id)
+    done = json.loads(ok(await novalet(control_plane, "migrate", "vm", "--to", source.node, "-n",
+                                       instances.namespace, "-o", "json", timeout=240)).stdout)
+    assert done["result"] == "Succeeded", done
+    record = await instances.wait_done("vm", done["actionId"], agents=agents)
+    assert record["result"] == "Succeeded" and "moved from node" in record["message"], record
     status = status_of(await instances.get("vm"))
     assert (status["node"], status["vmState"]) == (source.node, "active")
     ends_on(source, target, uid, "running")

@@ -51,6 +51,9 @@ def record(id_: str, result: str = "Succeeded", message: str = "") -> dict:
     ("lock", {}, None, {"name": "Lock", "id": "i"}),
     ("unlock", {}, None, {"name": "Unlock", "id": "i"}),
     ("reset-state", {"state": "error"}, None, {"name": "ResetState", "id": "i", "state": "error"}),
+    ("migrate", {"live": True, "to": "node-b"}, None, {"name": "Migrate", "id": "i", "live": True, "targetNode": "node-b"}),
+    ("migrate", {}, None, {"name": "Migrate", "id": "i", "live": False}),
+    ("evacuate", {"to": "node-b"}, None, {"name": "Evacuate", "id": "i", "targetNode": "node-b"}),
 ])
 def test_each_verb_writes_what_a_gitops_user_would(verb, options, spec, action):
     asked = rq.ask(verb, options, instance(), "i")

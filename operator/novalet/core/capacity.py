@@ -16,10 +16,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from ..api.models import AllocationRatios, Flavor, Resources
-from .migration import REVERTING, STATES
-
-HOLDING_TARGET = frozenset(t.value for t in STATES - REVERTING)
+from ..api.models import AllocationRatios, CurrentTask, Flavor, Resources
+from .migration import target_holds
 
 
 def allocatable(capacity: Resources, ratios: AllocationRatios) -> Resources:
@@ -46,9 +44,7 @@ def migration_target(body: dict[str, Any]) -> str | None:
     """The target of a migration under way (picked, not rolling back): it holds the flavor there
     too, so the guest always fits where it is going, and back where it came from."""
     task = (body.get("status") or {}).get("currentTask") or {}
-    if task.get("taskState") not in HOLDING_TARGET:
-        return None
-    return (task.get("migration") or {}).get("targetNode")
+    return target_holds(CurrentTask.model_validate(task)) if task.get("migration") else None
 
 
 def allocated(bodies: Iterable[dict[str, Any]], node: str) -> tuple[Resources, int]:

@@ -67,7 +67,7 @@ STEPS: dict[TaskState, MigrationStep] = {s.task_state: s for s in [
     MigrationStep(T.MIGRATE_SCHEDULING, Role.SCHEDULER, None, T.MIGRATE_PREPARING_TARGET, None),
     MigrationStep(T.MIGRATE_PREPARING_TARGET, Role.TARGET, Op.MIGRATE_PREPARE_TARGET, T.MIGRATE_TARGET_READY,
                   T.MIGRATE_REVERTING_TARGET),
-    MigrationStep(T.MIGRATE_TARGET_READY, Role.SOURCE, None, T.MIGRATING, T.MIGRATE_REVERTING_SOURCE),
+    MigrationStep(T.MIGRATE_TARGET_READY, Role.SOURCE, None, T.MIGRATING, None),  # a hand-over: never fails
     MigrationStep(T.MIGRATE_POWERING_OFF, Role.SOURCE, Op.MIGRATE_POWER_OFF, T.MIGRATING, T.MIGRATE_REVERTING_SOURCE),
     MigrationStep(T.MIGRATING, Role.SOURCE, Op.MIGRATE, T.MIGRATE_CLEANING_SOURCE, T.MIGRATE_REVERTING_SOURCE),
     MigrationStep(T.MIGRATE_CLEANING_SOURCE, Role.SOURCE, Op.MIGRATE_CLEAN_SOURCE, T.MIGRATE_FINISHING,
@@ -107,7 +107,7 @@ def involves(task: CurrentTask | None, node: str) -> bool:
 def target_holds(task: CurrentTask | None) -> str | None:
     """The target node while it holds the instance's flavor (from the scheduler's pick until the
     task ends; not once a rollback has begun), for capacity (core/capacity.py)."""
-    if not is_migration(task) or task.taskState in REVERTING:
+    if not is_migration(task) or task.taskState in REVERTING or task.taskState == T.MIGRATE_SCHEDULING:
         return None
     return task.migration.targetNode
 

@@ -42,6 +42,10 @@ VERBS: dict[str, str] = {
     "lock": "lock the instance (only you and administrators may act on it)",
     "unlock": "unlock the instance",
     "reset-state": "administrators: reset vmState to active or error, clearing the task (ResetState)",
+    "migrate": "administrators: move the instance to another node (Migrate): cold by default (stopped, "
+               "its disk moved, booted there), --live keeps it running; --to NODE, else the scheduler picks",
+    "evacuate": "administrators: rebuild the instance from its image on another node, its node being dead "
+                "(Evacuate); what was on the dead node's local disk is lost",
     "wait": "wait until the instance is Ready, or needs a person (exit 1 then)",
     "history": "list the instance's last actions: who asked, when, and how they ended",
     "console": "attach to the guest's serial console (as `novalet console`: run it where the "
@@ -100,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--reason", help="why (shown in status.lock and to those refused)")
         elif verb == "reset-state":
             sub.add_argument("--state", required=True, choices=["active", "error"])
+        if verb in ("migrate", "evacuate"):
+            sub.add_argument("--to", metavar="NODE", help="the target node (its Hypervisor must pass the "
+                                                          "scheduler's filters); default: the scheduler picks")
+        if verb == "migrate":
+            sub.add_argument("--live", action="store_true", help="live migration: the guest keeps running")
     return parser
 
 

@@ -27,7 +27,7 @@ VM_OF_POWER = {"Running": V.ACTIVE, "Stopped": V.STOPPED, "Paused": V.PAUSED, "S
 # one-shot verbs: the spec.action name each one writes
 ONE_SHOT = {"reboot": "Reboot", "rebuild": "Rebuild", "snapshot": "Snapshot", "set-password": "SetPassword",
             "confirm-resize": "ConfirmResize", "revert-resize": "RevertResize", "lock": "Lock",
-            "unlock": "Unlock", "reset-state": "ResetState"}
+            "unlock": "Unlock", "reset-state": "ResetState", "migrate": "Migrate", "evacuate": "Evacuate"}
 
 Result = Literal["Succeeded", "Failed", "Rejected"]
 
@@ -108,6 +108,10 @@ def _action(verb: str, options: dict[str, Any], action_id: str) -> dict[str, Any
         action["reason"] = options["reason"]
     elif verb == "reset-state":
         action["state"] = options["state"]
+    if verb == "migrate":
+        action["live"] = bool(options.get("live"))
+    if verb in ("migrate", "evacuate") and options.get("to"):
+        action["targetNode"] = options["to"]
     return action
 
 

@@ -551,7 +551,10 @@ class Hypervisor:
                 issued=self._journal(dom) if active else None,
             )
 
-        return self._call(f"facts {uid}", fn)
+        try:
+            return self._call(f"facts {uid}", fn)
+        except DomainNotFound:  # undefined between the lookup and a read (a migration moved it away)
+            return DomainFacts(exists=False)
 
     def host_resources(self) -> tuple[int, int]:
         """The host's CPUs and memory in MiB, as libvirt sees them (virNodeGetInfo)."""
