@@ -111,7 +111,8 @@ def test_helm_lint(helm):
          "--set", "agent.imagePool=/srv/images", "--set", "controller.tls.secretName=novalet-tls",
          "--set", "controller.tls.caBundle=Zm9v", "--set", "agent.setPassword.namespaces={team-a}",
          "--set", "rbac.observeCRDs=false", "--set", "admissionPolicies.create=false",
-         "--set", "controller.webhook.failurePolicy=Ignore", "--set", "rbac.adminRole.aggregateTo={admin}")
+         "--set", "controller.webhook.failurePolicy=Ignore", "--set", "rbac.adminRole.aggregateTo={admin}",
+         "--set", "agent.migration.uri=qemu+tls://$(NODE_NAME)/system", "--set", "controller.evacuateAfterSeconds=120")
 
 
 def test_helm_template_renders(helm):
@@ -142,7 +143,8 @@ def test_helm_template_renders(helm):
         if "hostPath" in volumes[mount["name"]]:
             assert volumes[mount["name"]]["hostPath"]["path"] == mount["mountPath"]
     host_paths = {v["hostPath"]["path"] for v in volumes.values() if "hostPath" in v}
-    assert host_paths == {"/run/libvirt", "/var/lib/novalet"}  # the image pool is inside the state dir
+    assert host_paths == {"/run/libvirt", "/var/lib/novalet",  # the image pool is inside the state dir
+                          "/run/novalet/migration"}
     assert pod["serviceAccountName"] == "rel-novalet-agent"
 
     # the controller: the webhook on 0.0.0.0:9443, registered by Service reference (the apiserver
@@ -167,7 +169,7 @@ def test_helm_template_renders(helm):
                       "--set", "controller.tls.caBundle=Zm9v").stdout)
     pod = _one(docs, "DaemonSet")["spec"]["template"]["spec"]
     assert {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v} == \
-        {"/run/libvirt", "/var/lib/novalet", "/srv/images"}
+        {"/run/libvirt", "/var/lib/novalet", "/srv/images", "/run/novalet/migration"}
     assert "--image-pool=/srv/images" in pod["containers"][0]["args"]
     ctl = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert "--webhook-host=rel-novalet-controller.nv.svc" in ctl["args"]  # what a Service call verifies
@@ -205,6 +207,71 @@ def test_helm_template_passes_the_nodes_networks_to_the_agent(helm, tmp_path):
     assert both.returncode != 0 and "x names both a network and a bridge" in both.stderr
 
 
+def _migration_flags(args: list[str]) -> list[str]:
+    return [a for a in args if a.startswith("--migration-")]
+
+
+def test_helm_template_passes_migration_and_evacuation_flags(helm, tmp_path):
+    """agent.migration.* become the agent's --migration-* flags (the socket directory a hostPath
+    at the same path, where the host's QEMU takes the streams), controller.evacuateAfterSeconds
+    the controller's --evacuate-after; the real parser takes what the chart renders."""
+    from novalet.cli import build_parser
+
+    def rendered(*args: str) -> tuple[dict, dict]:
+        docs = _docs(helm("template", "rel", str(CHART), *args).stdout)
+        return (_one(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"],
+                _one(docs, "Deployment", "-controller")["spec"]["template"]["spec"]["containers"][0])
+
+    def migration_volume(pod: dict) -> tuple[dict | None, dict | None]:
+        (agent,) = pod["containers"]
+        return (next((v for v in pod["volumes"] if v["name"] == "migration"), None),
+                next((m for m in agent["volumeMounts"] if m["name"] == "migration"), None))
+
+    # defaults: no --migration-uri (the agent uses --libvirt-uri), the socket directory mounted 1:1
+    pod, ctl = rendered()
+    args = pod["containers"][0]["args"]
+    assert _migration_flags(args) == ["--migration-socket-dir=/run/novalet/migration", "--migration-timeout=300"]
+    volume, mount = migration_volume(pod)
+    assert volume["hostPath"] == {"path": "/run/novalet/migration", "type": "DirectoryOrCreate"}
+    assert mount["mountPath"] == "/run/novalet/migration" and not mount.get("readOnly")
+    parsed = build_parser().parse_args(["run", "--node-name", "n", *_migration_flags(args)])
+    assert (parsed.migration_uri, parsed.migration_socket_dir, parsed.migration_timeout) == \
+        (None, Path("/run/novalet/migration"), 300.0)
+    assert [a for a in ctl["args"] if a.startswith("--evacuate-after")] == ["--evacuate-after=60"]
+    parsed = build_parser().parse_args(ctl["args"])
+    assert parsed.evacuate_after == 60.0
+
+    # overridden: the URI per node through the downward API's $(NODE_NAME), another directory
+    values = tmp_path / "migration.yaml"
+    values.write_text(yaml.safe_dump({
+        "agent": {"migration": {"uri": "qemu+tls://$(NODE_NAME)/system", "socketDir": "/srv/migration/",
+                                "timeoutSeconds": 900}},
+        "controller": {"evacuateAfterSeconds": 180}}))
+    pod, ctl = rendered("-f", str(values))
+    args = pod["containers"][0]["args"]
+    assert _migration_flags(args) == ["--migration-uri=qemu+tls://$(NODE_NAME)/system",
+                                      "--migration-socket-dir=/srv/migration", "--migration-timeout=900"]
+    assert "NODE_NAME" in {e["name"] for e in pod["containers"][0]["env"]}  # what $(NODE_NAME) expands from
+    volume, mount = migration_volume(pod)
+    assert volume["hostPath"] == {"path": "/srv/migration", "type": "DirectoryOrCreate"}
+    assert mount["mountPath"] == "/srv/migration"
+    parsed = build_parser().parse_args(["run", "--node-name", "n", *_migration_flags(args)])
+    assert (parsed.migration_uri, parsed.migration_socket_dir, parsed.migration_timeout) == \
+        ("qemu+tls://$(NODE_NAME)/system", Path("/srv/migration"), 900.0)
+    assert [a for a in ctl["args"] if a.startswith("--evacuate-after")] == ["--evacuate-after=180"]
+    assert build_parser().parse_args(ctl["args"]).evacuate_after == 180.0
+
+    # inside a directory the pod mounts already (the state dir): the flag, no second mount
+    pod, _ = rendered("--set", "agent.migration.socketDir=/var/lib/novalet/migration")
+    assert "--migration-socket-dir=/var/lib/novalet/migration" in pod["containers"][0]["args"]
+    assert migration_volume(pod) == (None, None)
+    assert {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v} == {"/run/libvirt", "/var/lib/novalet"}
+
+    # no directory: refused at render time (the agent always needs one)
+    empty = helm("template", "rel", str(CHART), "--set", "agent.migration.socketDir=", check=False)
+    assert empty.returncode != 0 and "agent.migration.socketDir is required" in empty.stderr
+
+
 def test_helm_template_rbac_is_least_privilege(helm):
     docs = _docs(helm("template", "rel", str(CHART), "-n", "nv").stdout)
     agent = _rules(_one(docs, "ClusterRole", "-agent"))
@@ -238,8 +305,12 @@ def test_helm_template_rbac_is_least_privilege(helm):
     assert controller == {("novalet.io", "virtualinstances", v, "") for v in ("get", "list", "watch")} | {
         ("novalet.io", "virtualinstances/status", "patch", ""), ("novalet.io", "hypervisors", "list", ""),
         ("novalet.io", "virtualimages", "get", ""), ("novalet.io", "clustervirtualimages", "get", ""),
+        # Evacuate: the scheduler authorizes its requester as the agents do ResetState
+        ("authorization.k8s.io", "subjectaccessreviews", "create", ""),
+        ("admissionregistration.k8s.io", "validatingadmissionpolicies", "get", REQUESTS_POLICY),
+        ("admissionregistration.k8s.io", "validatingadmissionpolicybindings", "get", REQUESTS_POLICY),
         ("apiextensions.k8s.io", "customresourcedefinitions", "list", ""),
-        ("apiextensions.k8s.io", "customresourcedefinitions", "watch", "")}  # no admission-level grant
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch", "")}  # reads the policy, writes none
     assert _rules(_one(docs, "Role", "-controller")) == {  # its own Lease: the one active scheduler
         ("coordination.k8s.io", "leases", "list", ""), ("coordination.k8s.io", "leases", "get", "rel-novalet-scheduler"),
         ("coordination.k8s.io", "leases", "update", "rel-novalet-scheduler")}
@@ -843,8 +914,17 @@ async def test_controller_rbac_with_its_token(control_plane, release, kube_api, 
                                         "message": "test", "lastTransitionTime": "2024-01-01T00:00:00Z"}]}},
             _content_type=MERGE)
         assert patched["status"]["conditions"][0]["reason"] == "NoAgent"
-        # what it must not do: the chart installs the webhook configuration, the controller has no
-        # admission-level grant at all
+        # before the scheduler takes an Evacuate: is the requester allowed, and is the policy in force?
+        review = await client.AuthorizationV1Api(api).create_subject_access_review(client.V1SubjectAccessReview(
+            spec=client.V1SubjectAccessReviewSpec(user="someone", groups=["system:authenticated"],
+                                                  resource_attributes=client.V1ResourceAttributes(
+                                                      verb="update", group=GROUP, resource=PLURAL,
+                                                      subresource="admin", namespace=ns, name="vm3"))))
+        assert review.status.allowed is False
+        await admission.read_validating_admission_policy(REQUESTS_POLICY)
+        await admission.read_validating_admission_policy_binding(REQUESTS_POLICY)
+        # what it must not do: the chart installs the webhook configuration, the controller reads
+        # the one policy and writes no admission object
         webhook = {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
                    "metadata": {"name": "forged"}, "webhooks": []}
         await _refused(admission.create_validating_webhook_configuration(webhook, dry_run="All"))
@@ -853,6 +933,8 @@ async def test_controller_rbac_with_its_token(control_plane, release, kube_api, 
         await _refused(admission.delete_validating_admission_policy_binding(REQUESTS_POLICY))
         await _refused(admission.list_validating_webhook_configuration())
         await _refused(admission.list_mutating_webhook_configuration())
+        await _refused(admission.list_validating_admission_policy())
+        await _refused(admission.read_validating_admission_policy("someone-elses-policy"))
         await _refused(custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "vm3",
                                                              {"metadata": {"finalizers": ["x"]}},
                                                              _content_type=MERGE))
