@@ -123,6 +123,10 @@ async def test_reset_state_needs_rbac_not_a_group_name(instances, agents, users,
     assert (f"ResetState is for administrators: RBAC does not allow {dev.name} to update "
             f"virtualinstances/admin (novalet.io) in namespace {instances.namespace}") in message
     assert "action" not in (await instances.get("vm"))["spec"]  # nothing was stored
+    for name, extra in (("Migrate", {"live": True}), ("Evacuate", {})):  # the other administrators' actions
+        message = await refused(dev.instances.request("vm", {"name": name, "id": f"{name.lower()}-1", **extra}))
+        assert f"{name} is for administrators: RBAC does not allow {dev.name} to update" in message
+    assert "action" not in (await instances.get("vm"))["spec"]
 
     await dev.instances.request("vm", {"name": "Reboot", "type": "Hard", "id": "dev-reboot"})  # the rest is fine
     body = await instances.wait_idle("vm", "active", agents=agents, last_id="dev-reboot")
