@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--migration-socket-dir", type=Path, default=Path("/run/novalet/migration"), metavar="DIR",
                      help="where this node's QEMU takes an incoming guest's memory and disks (unix sockets; the "
                           "source's QEMU must reach it; default /run/novalet/migration)")
+    run.add_argument("--migration-peer-dead-after", type=float, default=60.0, metavar="S",
+                     help="seconds the other node of a migration must have been dead (its agent's Lease "
+                          "expired) before this agent takes over and ends the migration (default 60)")
     run.add_argument("--migration-timeout", type=float, default=300.0, metavar="S",
                      help="seconds a migration call may take before the agent looks at libvirt's job instead")
     run.add_argument("--namespace", action="append", default=None,

@@ -9,7 +9,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .api.models import CurrentTask
+from .api.models import CurrentTask, MigrationRecord
 from .core import migration, plans, policy, recovery
 from .core.facts import MISSING, Facts
 from .core.vocabulary import Action, PowerState, TaskState, VmState
@@ -183,6 +183,26 @@ def migration_table() -> str:
         then = f"look again in {migration.LOOK_AGAIN_S:g} s" if look.kind == "wait" else \
             f"{_code(look.next_state)}: \"{look.message}\""
         rows.append(f"| {label} | {then} |")
+    rows += ["", ("The other side, when the acting node has been dead (its agent's Lease expired) longer than "
+                  "`--migration-peer-dead-after` (the dead node's agent removes what is left there when it "
+                  "comes back), by what the survivor's own libvirt shows:"), "",
+             "| Task state | Dead actor | The survivor's decision |", "|---|---|---|"]
+    for state, step in migration.STEPS.items():
+        if step.role == migration.Role.SCHEDULER or state == TaskState.EVACUATE_REBUILDING:
+            continue
+        probe = CurrentTask(name="Migrate", id=_TASK_ID, taskState=state, originVmState=VmState.ACTIVE, owner="docs",
+                            startedAt=_NOW, migration=MigrationRecord(sourceNode="source", targetNode="target"))
+        decisions: dict[str, list[str]] = {}
+        for label, facts in [*cases[:-1], ("not defined", MISSING)]:
+            look = migration.takeover(probe, facts)
+            text = {"wait": f"look again in {migration.LOOK_AGAIN_S:g} s",
+                    "end_on_source": "the task ends: failed, on the source",
+                    "end_on_target": "the task ends: error, on the target"}.get(
+                look.kind, f"{_code(look.next_state)}") + (f": \"{look.message}\"" if look.message else "")
+            decisions.setdefault(text, []).append(label)
+        cell = "<br>".join(text if len(decisions) == 1 else f"{' / '.join(labels)}: {text}"
+                           for text, labels in decisions.items())
+        rows.append(f"| {_code(state)} | {step.role} | {cell} |")
     return "\n".join(lines + rows)
 
 

@@ -230,13 +230,14 @@ def test_helm_template_passes_migration_and_evacuation_flags(helm, tmp_path):
     # defaults: no --migration-uri (the agent uses --libvirt-uri), the socket directory mounted 1:1
     pod, ctl = rendered()
     args = pod["containers"][0]["args"]
-    assert _migration_flags(args) == ["--migration-socket-dir=/run/novalet/migration", "--migration-timeout=300"]
+    assert _migration_flags(args) == ["--migration-socket-dir=/run/novalet/migration", "--migration-timeout=300",
+                                      "--migration-peer-dead-after=60"]
     volume, mount = migration_volume(pod)
     assert volume["hostPath"] == {"path": "/run/novalet/migration", "type": "DirectoryOrCreate"}
     assert mount["mountPath"] == "/run/novalet/migration" and not mount.get("readOnly")
     parsed = build_parser().parse_args(["run", "--node-name", "n", *_migration_flags(args)])
-    assert (parsed.migration_uri, parsed.migration_socket_dir, parsed.migration_timeout) == \
-        (None, Path("/run/novalet/migration"), 300.0)
+    assert (parsed.migration_uri, parsed.migration_socket_dir, parsed.migration_timeout,
+            parsed.migration_peer_dead_after) == (None, Path("/run/novalet/migration"), 300.0, 60.0)
     assert [a for a in ctl["args"] if a.startswith("--evacuate-after")] == ["--evacuate-after=60"]
     parsed = build_parser().parse_args(ctl["args"])
     assert parsed.evacuate_after == 60.0
@@ -245,19 +246,20 @@ def test_helm_template_passes_migration_and_evacuation_flags(helm, tmp_path):
     values = tmp_path / "migration.yaml"
     values.write_text(yaml.safe_dump({
         "agent": {"migration": {"uri": "qemu+tls://$(NODE_NAME)/system", "socketDir": "/srv/migration/",
-                                "timeoutSeconds": 900}},
+                                "timeoutSeconds": 900, "peerDeadAfterSeconds": 120}},
         "controller": {"evacuateAfterSeconds": 180}}))
     pod, ctl = rendered("-f", str(values))
     args = pod["containers"][0]["args"]
     assert _migration_flags(args) == ["--migration-uri=qemu+tls://$(NODE_NAME)/system",
-                                      "--migration-socket-dir=/srv/migration", "--migration-timeout=900"]
+                                      "--migration-socket-dir=/srv/migration", "--migration-timeout=900",
+                                      "--migration-peer-dead-after=120"]
     assert "NODE_NAME" in {e["name"] for e in pod["containers"][0]["env"]}  # what $(NODE_NAME) expands from
     volume, mount = migration_volume(pod)
     assert volume["hostPath"] == {"path": "/srv/migration", "type": "DirectoryOrCreate"}
     assert mount["mountPath"] == "/srv/migration"
     parsed = build_parser().parse_args(["run", "--node-name", "n", *_migration_flags(args)])
-    assert (parsed.migration_uri, parsed.migration_socket_dir, parsed.migration_timeout) == \
-        ("qemu+tls://$(NODE_NAME)/system", Path("/srv/migration"), 900.0)
+    assert (parsed.migration_uri, parsed.migration_socket_dir, parsed.migration_timeout,
+            parsed.migration_peer_dead_after) == ("qemu+tls://$(NODE_NAME)/system", Path("/srv/migration"), 900.0, 120.0)
     assert [a for a in ctl["args"] if a.startswith("--evacuate-after")] == ["--evacuate-after=180"]
     assert build_parser().parse_args(ctl["args"]).evacuate_after == 180.0
 

@@ -476,20 +476,24 @@ def test_an_asked_target_with_just_enough_room_is_taken():
 # --- which agent acts, and the label its watch selects on --------------------------------------------
 
 @pytest.mark.parametrize("state", sorted(STATES))
-def test_only_the_actor_migrates_and_every_other_agent_ignores(state):
+def test_only_the_actor_migrates_the_other_side_watches_its_peer_and_others_ignore(state):
     inst = instance(task(state))
     kinds = {node: next_step(inst, node, f"{node}/x/1/a", None, NOW).kind for node in (SOURCE, TARGET, OTHER)}
     actor = migration.actor(task(state))
     assert actor == ACTORS.get(state, actor)
-    assert kinds == {node: Kind.MIGRATE if node == actor else Kind.IGNORE for node in kinds}, kinds
+    survivor = migration.survivor(task(state))
+    assert kinds == {node: Kind.MIGRATE if node == actor else Kind.MIGRATION_PEER if node == survivor
+                     else Kind.IGNORE for node in kinds}, kinds
 
 
 @settings(max_examples=200, deadline=None)
 @given(state=st.sampled_from(sorted(STATES)), waiting=st.sampled_from([None, "m1"]), deleting=st.booleans(),
        node=st.sampled_from([SOURCE, TARGET, OTHER]))
-def test_a_migration_on_record_is_only_ever_migrated_or_ignored(state, waiting, deleting, node):
+def test_a_migration_on_record_is_only_ever_migrated_watched_or_ignored(state, waiting, deleting, node):
     kind = next_step(instance(task(state), deleting=deleting), node, f"{node}/x/1/a", waiting, NOW).kind
-    assert kind == (Kind.MIGRATE if migration.actor(task(state)) == node else Kind.IGNORE)
+    expected = (Kind.MIGRATE if migration.actor(task(state)) == node else
+                Kind.MIGRATION_PEER if migration.survivor(task(state)) == node else Kind.IGNORE)
+    assert kind == expected
 
 
 def test_the_target_sees_the_instance_as_its_own_during_a_migration():
@@ -513,3 +517,57 @@ def test_the_label_outside_a_migration():
     reboot = CurrentTask(name="RebootSoft", id="r", taskState=T.REBOOT_STARTED, originVmState=V.ACTIVE,
                          owner="n", startedAt=NOW)
     assert node_label(instance(reboot)) == SOURCE
+
+
+# --- the other side takes over when the acting node is dead (core/migration.takeover) -----------
+
+MIGRATE_ONLY = sorted(STATES - {T.EVACUATE_REBUILDING, T.MIGRATE_SCHEDULING})
+
+
+@pytest.mark.parametrize("state", MIGRATE_ONLY)
+def test_the_survivor_is_the_side_that_does_not_act(state):
+    acting = migration.actor(task(state))
+    assert {acting, migration.survivor(task(state))} == {SOURCE, TARGET}
+
+
+def test_no_survivor_for_the_schedulers_step_or_an_evacuation():
+    assert migration.survivor(task(T.MIGRATE_SCHEDULING)) is None
+    assert migration.survivor(task(T.EVACUATE_REBUILDING)) is None
+
+
+@pytest.mark.parametrize("state", MIGRATE_ONLY)
+@pytest.mark.parametrize("here", [*DOMAINS, MISSING])
+def test_a_takeover_never_leaves_the_guest_twice_or_nowhere(state, here):
+    """The survivor's decision moves the task only to a step it acts on itself, or ends it where
+    the guest is: on the target only when it ran there (or was about to finish there)."""
+    t = task(state)
+    look = migration.takeover(t, here)
+    survivor = migration.survivor(t)
+    if look.kind == "goto":
+        assert migration.actor(task(look.next_state)) == survivor, (state, look)
+        if look.next_state == T.MIGRATE_FINISHING:  # the survivor is the target, and the guest moved
+            assert survivor == TARGET
+            assert state == T.MIGRATE_CLEANING_SOURCE or (here.exists and not here.migrating)
+    elif look.kind == "end_on_target":
+        assert state == T.MIGRATE_FINISHING and survivor == SOURCE
+    elif look.kind == "end_on_source":
+        assert state in (T.MIGRATE_PREPARING_TARGET, T.MIGRATE_REVERTING_TARGET) and survivor == SOURCE
+    else:
+        assert look.kind == "wait" and state == T.MIGRATING and here.migrating
+
+
+@pytest.mark.parametrize("here,then", [
+    (Facts(power_state=P.RUNNING), T.MIGRATE_FINISHING),
+    (Facts(power_state=P.PAUSED), T.MIGRATE_FINISHING),       # a cold arrival
+    (Facts(power_state=P.SHUTOFF), T.MIGRATE_REVERTING_TARGET),  # only prepared: it never came
+    (MISSING, T.MIGRATE_REVERTING_TARGET),
+])
+def test_the_source_died_mid_call_and_the_targets_domain_decides(here, then):
+    assert migration.takeover(task(T.MIGRATING), here).next_state == then
+
+
+def test_next_step_sends_the_survivor_to_look_at_its_peer():
+    inst = instance(task(T.MIGRATE_PREPARING_TARGET))  # the target acts
+    assert next_step(inst, SOURCE, "me", None, NOW).kind == Kind.MIGRATION_PEER
+    assert next_step(inst, TARGET, "me", None, NOW).kind == Kind.MIGRATE
+    assert next_step(inst, OTHER, "me", None, NOW).kind == Kind.IGNORE

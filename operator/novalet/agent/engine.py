@@ -9,7 +9,7 @@ instance is looked at again when libvirt reports the guest's answer or the deadl
 """
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -81,13 +81,18 @@ def _with_agent_ready(status: VirtualInstanceStatus, node: str) -> VirtualInstan
 
 class Engine:
     def __init__(self, store: InstanceStore, events: EventRecorder, ops: Operations, node: str,
-                 owner: str, backoff_policy: BackoffPolicy = DEFAULT_BACKOFF, metrics: AgentMetrics | None = None):
+                 owner: str, backoff_policy: BackoffPolicy = DEFAULT_BACKOFF, metrics: AgentMetrics | None = None,
+                 peer_dead_for: Callable[[str], Awaitable[float | None]] | None = None,
+                 peer_dead_after_s: float = 60.0):
         self.store, self.events, self.ops = store, events, ops
         self.backoff_policy = backoff_policy
         self.metrics = metrics or AgentMetrics()
         self._began: dict[str, float] = {}  # task id -> monotonic start, for tasks begun here
         self.node, self.owner = node, owner
         self._waits: dict[str, Wait] = {}  # uid -> the wait this tenure started
+        # a migration's other node: seconds since its agent's Lease ran out (None: alive)
+        self.peer_dead_for = peer_dead_for or _never_dead
+        self.peer_dead_after_s = peer_dead_after_s
 
     # ---- placement -------------------------------------------------------------------
     def is_mine(self, inst: VirtualInstance) -> bool:
@@ -156,6 +161,8 @@ class Engine:
                 return await self._take(body, inst, step.request)
             case Kind.MIGRATE:
                 return await self._migrate(body, inst)
+            case Kind.MIGRATION_PEER:
+                return await self._migration_peer(body, inst)
         return 0.0
 
     async def _take(self, body: dict[str, Any], inst: VirtualInstance, request: Request) -> float | None:
@@ -503,10 +510,34 @@ class Engine:
         crash_if("after_call", A.MIGRATE.value, TaskState.MIGRATING.value)
         return await self._migration_goto(body, task, TaskState.MIGRATE_CLEANING_SOURCE, "")
 
+    async def _migration_peer(self, body: dict[str, Any], inst: VirtualInstance) -> float | None:
+        """The other side's step is on record: nothing to do while its node lives; once that node
+        has been dead past --migration-peer-dead-after, take over so that the task ends
+        (core/migration.takeover)."""
+        task = inst.status.currentTask
+        acting = migration.actor(task)
+        dead_for = await self.peer_dead_for(acting)
+        if dead_for is None or dead_for < self.peer_dead_after_s:
+            return migration.PEER_LOOK_S if dead_for is None else max(1.0, self.peer_dead_after_s - dead_for)
+        decision = migration.takeover(task, await self.ops.migration_facts(inst))
+        if decision.kind == "wait":
+            return migration.LOOK_AGAIN_S
+        log.warning("%s/%s: %s %s: node %s dead for %.0f s; taking over: %s", *_key(body), task.name, task.id,
+                    acting, dead_for, decision.message)
+        self.metrics.recoveries.labels("migration_takeover").inc()
+        await self.events.emit(body, "TakingOver", f"{task.name} {task.id} in {task.taskState.value}: node {acting} "
+                                                   f"dead for {dead_for:.0f} s; {decision.message}", warning=True)
+        if decision.kind == "goto":
+            return await self._migration_goto(body, task, decision.next_state, decision.message)
+        where = ((task.migration.sourceNode, task.originVmState) if decision.kind == "end_on_source"
+                 else (task.migration.targetNode, VmState.ERROR))
+        return await self._migration_end(body, task, False, decision.message, where=where)
+
     async def _migration_end(self, body: dict[str, Any], task: CurrentTask, succeeded: bool,
-                             message: str = "") -> float | None:
-        """The last step's actor ends the task: where the instance now rests (core/migration.ending)."""
-        node, vm = migration.ending(task, succeeded)
+                             message: str = "", where: tuple[str, VmState] | None = None) -> float | None:
+        """The last step's actor ends the task: where the instance now rests (core/migration.ending,
+        or `where` a survivor's takeover names)."""
+        node, vm = where or migration.ending(task, succeeded)
         succeeded = succeeded and task.taskState in (TaskState.MIGRATE_FINISHING, TaskState.EVACUATE_REBUILDING)
         moved = (f"rebuilt on node {node} from image {task.originImage or '(none: diskless)'}; what was on node "
                  f"{task.migration.sourceNode}'s local disk is lost" if task.name == A.EVACUATE.value
@@ -596,6 +627,10 @@ class Engine:
             s, vm, request.action.value, request.id, "Succeeded", message, now(), facts.power_state,
             handled=True, requested_by=request.requested_by, **changes), guard=None)
         await self.events.emit(body, reason, f"{message} ({request.id})", warning=request.action == A.RESET_STATE)
+
+
+async def _never_dead(node: str) -> float | None:
+    return None
 
 
 def _same(a: VirtualInstanceStatus, b: VirtualInstanceStatus) -> bool:

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -29,7 +30,7 @@ from ..core.reaping import ReapPolicy
 from ..kube.client import RetryForever, api_client, register_login
 from ..kube.events import EventRecorder
 from ..kube.instances import LIST_PAGE, NODE_LABEL, InstanceStore
-from ..kube.lease import NodeLease
+from ..kube.lease import NodeLease, view
 from ..virt.kvm import domain_type
 from .engine import Engine
 from .fence import Fence, Fenced
@@ -93,7 +94,7 @@ class Agent:
                               MigrationEndpoint(self.args.migration_uri or uri, self.args.migration_socket_dir,
                                                 self.args.migration_timeout))
         self.engine = Engine(self.store, events, self.ops, self.node, self.identity,
-                             self.backoff, self.metrics)
+                             self.backoff, self.metrics, self.peer_dead_for, self.args.migration_peer_dead_after)
         # one flow per namespace: a tenant's storm does not hold another tenant's request
         self.queue = WorkQueue(self.reconcile, workers=self.args.workers, flow_of=lambda key: key[0],
                                observe_wait=self.metrics.queue_wait.observe)
@@ -215,24 +216,49 @@ class Agent:
     async def sweep(self) -> list[tuple[str, str]]:
         """Queue every instance of this node (in the namespaces it serves: `--namespace`, or
         all); reap orphans. Returns the keys queued."""
-        keys, uids = [], set()
+        keys, uids, elsewhere = [], set(), {}
         served = set(self.args.namespace or ())
         async for body in self.store.list_all():
             uids.add(body["metadata"]["uid"])  # any namespace's, unreadable ones too: they exist
             if served and body["metadata"]["namespace"] not in served:
                 continue  # kopf watches only those namespaces: the sweep looks at no other
             inst = await self.unreadable.parse(body)  # None: reported on the object, skipped
-            if inst is not None and migration.evacuated_here(inst.status.evacuatedFrom, inst.status.node,
-                                                             inst.status.currentTask, self.node):
-                await self.remove_evacuated(body, inst)
             if inst is not None and self.engine.is_mine(inst):
                 await self.label(body, inst)  # else its changes would never reach this agent's watch
                 self.remember(body)
                 keys.append(key_of(body))
+            elif inst is not None:
+                elsewhere[inst.metadata.uid] = key_of(body)
         for key in keys:
             self.queue.add(key)
+        await self.remove_left_behind(elsewhere)
         await self.reaper.sweep(uids)
         return keys
+
+    async def remove_left_behind(self, elsewhere: dict[str, tuple[str, str]]) -> None:
+        """What this node holds of instances that live on another node now: the stale copy of one
+        evacuated from here (even running: it must never run twice), and what a migration left
+        when this node died in the middle of it (never a running domain). A failure is logged:
+        the next sweep tries again."""
+        for uid in sorted(set(await self.ops.local_uids()) & set(elsewhere)):
+            body = await self.store.get(*elsewhere[uid])
+            inst = await self.unreadable.parse(body) if body is not None else None
+            if inst is None or self.engine.is_mine(inst):
+                continue
+            try:
+                evacuated = migration.evacuated_here(inst.status.evacuatedFrom, inst.status.node,
+                                                     inst.status.currentTask, self.node)
+                removed = await (self.ops.remove_evacuated(inst) if evacuated else self.ops.remove_leftover(inst))
+            except Exception as error:  # noqa: BLE001
+                log.warning("%s/%s: what this node holds of it (placed on %s) not removed: %s", *key_of(body),
+                            inst.status.node, error)
+                continue
+            if removed:
+                what = ("evacuated while this node was dead: its stale domain and disks destroyed, not started"
+                        if evacuated else "left behind by a migration this node died in: domain and disks removed")
+                log.warning("%s/%s: placed on node %s, %s", *key_of(body), inst.status.node, what)
+                await self.engine.events.emit(body, "StaleGuestDestroyed" if evacuated else "LeftoversRemoved",
+                                              f"node {self.node}: {what}", warning=True)
 
     async def resync(self) -> None:
         while True:
@@ -267,18 +293,14 @@ class Agent:
         except Exception as error:  # noqa: BLE001
             log.warning("%s/%s: node label not written: %s", *key_of(body), error)
 
-    async def remove_evacuated(self, body: dict[str, Any], inst: VirtualInstance) -> None:
-        """This node came back after its instance was evacuated: destroy the stale domain and
-        its disks, never start them (a failure is logged: the next sweep tries again)."""
+    async def peer_dead_for(self, node: str) -> float | None:
+        """Seconds since `node`'s agent Lease ran out (None: alive, or unknown: never taken over)."""
         try:
-            if await self.ops.remove_evacuated(inst):
-                log.warning("%s/%s: evacuated to node %s while this node was dead: stale domain and disks "
-                            "destroyed", *key_of(body), inst.status.node)
-                await self.engine.events.emit(body, "StaleGuestDestroyed", (
-                    f"node {self.node} came back after the instance was evacuated to node {inst.status.node}: "
-                    "its stale domain and disks there were destroyed, not started"), warning=True)
+            lease = await self.lease.read(node)
         except Exception as error:  # noqa: BLE001
-            log.warning("%s/%s: stale domain of an evacuated instance not removed: %s", *key_of(body), error)
+            log.warning("reading node %s's Lease: %s", node, error)
+            return None
+        return view(lease).dead_for(datetime.now(UTC), never=float("inf")) if lease is not None else float("inf")
 
     def kick_uid(self, uid: str) -> None:
         """libvirt reported a change of a domain: look at its instance."""

@@ -511,12 +511,25 @@ class Operations:
             await self.op_start(inst)
         return None
 
+    async def local_uids(self) -> list[str]:
+        """The instances this node holds anything of: domains carrying its name, instance directories."""
+        domains = await self._query(self.hv.list_instances)
+        return sorted({m.uid for m in domains if m.node == self.node} | set(self.hv.images.instance_uids()))
+
     async def remove_evacuated(self, inst: VirtualInstance) -> bool:
         """Destroy this node's stale copy of an instance evacuated from it, domain and disks;
         True when there was one (core/migration.evacuated_here decides when)."""
         if not (await self.facts(inst)).exists and not self.hv.images.instance_dir(inst.metadata.uid).exists():
             return False
         await self._call(self.hv.undefine_and_delete, inst.metadata.uid)
+        return True
+
+    async def remove_leftover(self, inst: VirtualInstance) -> bool:
+        """Remove what a migration left on this node (it died mid-way, and the other side ended
+        the task): a domain that does not run and the instance's files; never a running domain."""
+        if not (await self.facts(inst)).exists and not self.hv.images.instance_dir(inst.metadata.uid).exists():
+            return False
+        await self._call(self.hv.remove_inactive, inst.metadata.uid, side="node")
         return True
 
     async def op_delete(self, inst: VirtualInstance) -> None:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -196,9 +196,7 @@ class Scheduler:
         refusal = await self._who_may(inst)
         node_name = inst.status.node or ""
         lease = self._leases.get(node_name)
-        dead_for = None if lease is not None and not lease.expired(now) else (
-            (now - (lease.renewed + timedelta(seconds=lease.duration_s))).total_seconds()
-            if lease is not None and lease.renewed else self.evacuate_after_s)
+        dead_for = lease.dead_for(now, self.evacuate_after_s) if lease is not None else self.evacuate_after_s
         refusal = refusal or state_refusal(Action.EVACUATE, inst.status.vmState or VmState.BUILDING, None) \
             or migration.evacuation_refusal(inst.spec.nodeName, inst.status.node, dead_for, self.evacuate_after_s,
                                             inst.status.currentTask)

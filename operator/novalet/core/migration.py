@@ -85,6 +85,7 @@ REVERTING = frozenset({T.MIGRATE_REVERTING_SOURCE, T.MIGRATE_REVERTING_TARGET})
 LIVE_FROM = frozenset({V.ACTIVE, V.PAUSED})
 COLD_FROM = frozenset({V.ACTIVE, V.STOPPED})
 LOOK_AGAIN_S = 1.0  # a migration job still running on the source, an image still downloading
+PEER_LOOK_S = 10.0  # how often the other side looks whether the acting node still lives
 NOT_YET = "not yet"  # what an operation answers when it cannot be done yet (an image downloading)
 
 
@@ -167,7 +168,7 @@ class Look:
     """What an actor does about the step on record: run its operation, wait, or go on to
     `next_state` without running it (a fact already settled it)."""
 
-    kind: str                       # "run" | "wait" | "goto"
+    kind: str                       # "run" | "wait" | "goto" | "end_on_source" | "end_on_target"
     next_state: TaskState | None = None
     message: str = ""
 
@@ -179,6 +180,28 @@ def look_at_migrating(source: Facts) -> Look:
     if not source.exists:
         return Look("goto", T.MIGRATE_CLEANING_SOURCE, "the guest had moved to the target")
     return Look("goto", T.MIGRATE_REVERTING_SOURCE, "interrupted before the guest moved: rolled back")
+
+
+# The side that is not the actor, when the actor's node has been dead (its agent's Lease expired)
+# longer than --migration-peer-dead-after: what it does so that the task ends (the guest stays
+# where it is; a dead node's leftovers are removed by its agent when it comes back).
+def takeover(task: CurrentTask, here: Facts) -> Look:
+    """The survivor's decision, from its own libvirt's facts (`here`)."""
+    state, target = task.taskState, task.migration.targetNode
+    if state == T.MIGRATING:  # the source died mid-call: the target's domain says whether it moved
+        if here.migrating:
+            return Look("wait", message="an incoming migration job still runs on the target")
+        if here.exists and here.power_state in (PowerState.RUNNING, PowerState.PAUSED):
+            return Look("goto", T.MIGRATE_FINISHING, "the guest had moved; the source's node died")
+        return Look("goto", T.MIGRATE_REVERTING_TARGET, "the source's node died before the guest moved")
+    if state == T.MIGRATE_CLEANING_SOURCE:
+        return Look("goto", T.MIGRATE_FINISHING, "the source's node died after the guest moved")
+    if state in (T.MIGRATE_TARGET_READY, T.MIGRATE_POWERING_OFF, T.MIGRATE_REVERTING_SOURCE):
+        return Look("goto", T.MIGRATE_REVERTING_TARGET, "the source's node died before the guest moved")
+    if state == T.MIGRATE_FINISHING:
+        return Look("end_on_target", message=f"the guest moved to node {target}, which died before the "
+                                             "migration finished: Evacuate it")
+    return Look("end_on_source", message=f"the target node {target} died before the guest moved")
 
 
 def look(task: CurrentTask, here: Facts) -> Look:
@@ -197,6 +220,16 @@ def finished_on_target(origin: VmState, target: Facts) -> bool:
     want = {V.ACTIVE: {PowerState.RUNNING}, V.PAUSED: {PowerState.PAUSED},
             V.STOPPED: {PowerState.SHUTOFF, PowerState.SHUTDOWN, PowerState.CRASHED}}.get(origin, set())
     return target.power_state in want
+
+
+def survivor(task: CurrentTask) -> str | None:
+    """The side that is not the actor of the step on record (None: the scheduler's step, or an
+    evacuation, whose source is dead already)."""
+    acting = actor(task)
+    if acting is None or task.taskState == T.EVACUATE_REBUILDING:
+        return None
+    m = task.migration
+    return m.targetNode if acting == m.sourceNode else m.sourceNode
 
 
 def ending(task: CurrentTask, succeeded: bool) -> tuple[str, VmState]:

@@ -7,7 +7,8 @@ The order of the rules is the order of the table below; read it beside DESIGN.md
 | the instance                                             | next step           |
 |----------------------------------------------------------|---------------------|
 | migrating, and this node is the actor of the step on record | Migrate (core/migration.py) |
-| migrating, and another node (or the scheduler) acts      | Ignore              |
+| migrating, and the other side's node acts                | MigrationPeer: take over if that node is dead |
+| migrating, and the scheduler acts (or not this node's)   | Ignore              |
 | another node's, or unpinned and not placed yet           | Ignore              |
 | pinned here, not claimed by this node yet                | Claim               |
 | a task on record, and delete or reset-state asked        | Preempt             |
@@ -38,6 +39,7 @@ class Kind(Enum):
     REQUEST = "request"
     SYNC = "sync"
     MIGRATE = "migrate"
+    MIGRATION_PEER = "migration_peer"
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,11 @@ def next_step(inst: VirtualInstance, node: str, owner: str, waiting_task_id: str
               now: datetime) -> Step:
     """What one reconcile does. `waiting_task_id`: the task whose guest this agent pressed a
     button for in its present tenure (none after a restart: recovery decides then)."""
-    if migration.is_migration(inst.status.currentTask):
-        return Step(Kind.MIGRATE if migration.actor(inst.status.currentTask) == node else Kind.IGNORE)
+    task = inst.status.currentTask
+    if migration.is_migration(task):
+        if migration.actor(task) == node:
+            return Step(Kind.MIGRATE)
+        return Step(Kind.MIGRATION_PEER if migration.survivor(task) == node else Kind.IGNORE)
     if not is_mine(inst, node):
         return Step(Kind.IGNORE)
     if inst.status.node != node:

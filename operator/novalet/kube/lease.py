@@ -41,6 +41,14 @@ class LeaseView:
     def expired(self, now: datetime) -> bool:
         return self.renewed is None or now > self.renewed + timedelta(seconds=self.duration_s)
 
+    def dead_for(self, now: datetime, never: float) -> float | None:
+        """Seconds since the Lease ran out (None: it is current; `never` when it was never renewed)."""
+        if not self.expired(now):
+            return None
+        if self.renewed is None:
+            return never
+        return (now - (self.renewed + timedelta(seconds=self.duration_s))).total_seconds()
+
 
 def holder_is_dead_here(holder: str | None, host: str) -> bool:
     """The holder was a process on this host that no longer runs (identity `node/host/pid/nonce`):
