@@ -31,8 +31,8 @@ def test_every_action_and_task_state_has_a_row():
 
 
 def test_migration_rows_come_from_the_table():
-    rows = {row.split(" | ")[0].strip("| `"): row for row in docs_render.migration_table().splitlines()
-            if row.startswith("| `")}
+    steps = docs_render.migration_table().split("| The source's domain |")[0]  # the steps' table
+    rows = {row.split(" | ")[0].strip("| `"): row for row in steps.splitlines() if row.startswith("| `")}
     for state, step in migration.STEPS.items():
         assert f" {step.role} " in rows[state], state
         if step.op:
@@ -43,6 +43,10 @@ def test_migration_rows_come_from_the_table():
     assert "look again" in decisions
     assert "| running | `migrate_reverting_source`" in decisions
     assert "`migrate_cleaning_source`" in decisions.split("not defined")[1]
+    # the survivor's takeover: one row per step an agent acts on, each from takeover()
+    takeover = decisions.split("| Task state | Dead actor | The survivor's decision |")[1]
+    assert "| `migrate_preparing_target` | target | the task ends: failed, on the source" in takeover
+    assert "running / paused: `migrate_finishing`" in takeover
 
 
 def test_recovery_rows_come_from_recover():
