@@ -59,6 +59,12 @@ ROWS = [
      "ConfirmResize"),
     ("the domain vanished out of band", status(power=PowerState.NOSTATE), spec(), False, "DomainMissing",
      "no domain"),
+    # seen stopped on its way out (destroy, then undefine): the Start the spec asks for keeps failing,
+    # yet what a person must know is that the domain is gone
+    ("the domain vanished after it was seen stopped", status(
+        vm=VmState.STOPPED, power=PowerState.NOSTATE, backoff=Backoff(
+            request="spec-g1-start", failures=3, lastError="start: no domain", nextRetryAt=T0)),
+     spec(), False, "DomainMissing", "no domain"),
     ("a declarative change was rejected", status(lastAction=record("spec-g2-pause", "Rejected")),
      spec(powerState="Paused"), False, "SpecNotMet", "Pause: last action Rejected: not allowed"),
     ("a declarative change failed", status(lastAction=record("spec-g3-stop", "Failed", "Stop", "libvirt error")),
@@ -112,6 +118,8 @@ def test_ready_only_when_idle_settled_and_the_spec_is_met(current, wanted):
     ("backoff", status(backoff=Backoff(request="spec-g2-pause", failures=2, lastError="boom",
                                        nextRetryAt=T0)), "Backoff"),
     ("domain vanished", status(power=PowerState.NOSTATE), "DomainMissing"),
+    ("domain vanished, a step backing off", status(vm=VmState.STOPPED, power=PowerState.NOSTATE, backoff=Backoff(
+        request="spec-g1-start", failures=3, lastError="start: no domain", nextRetryAt=T0)), "DomainMissing"),
     ("spec change refused", status(vm=VmState.SUSPENDED, power=PowerState.SHUTOFF,
                                    lastAction=record("spec-g3-resize", "Rejected", "Resize")), "SpecRejected"),
     ("one-shot refused: the spec is met", status(lastAction=record("r-1", "Rejected", "Rebuild")), None),

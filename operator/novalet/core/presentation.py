@@ -56,6 +56,8 @@ def readiness(status: VirtualInstanceStatus, spec: VirtualInstanceSpec | None = 
         return False, scheduled.reason, scheduled.message
     if vm == V.ERROR:
         return False, "Error", last.message if last else ""
+    if power == PowerState.NOSTATE and vm in EXPECTED_POWER:  # before a backoff: retrying will not bring it back
+        return False, "DomainMissing", "libvirt has no domain for this instance"
     if status.backoff is not None:
         return False, "Backoff", f"{status.backoff.request} failed: {status.backoff.lastError}"
     if vm in (None, V.BUILDING, V.DELETED):
@@ -84,15 +86,15 @@ def stalled(status: VirtualInstanceStatus, spec: VirtualInstanceSpec | None) -> 
     if status.taskState is not None:
         return False, "None", ""
     last, retry = status.lastAction, status.backoff
+    _, reason, message = readiness(status, spec)
+    if reason in NEEDS_A_PERSON:  # whatever a step's backoff says: only a person brings the domain back
+        return True, reason, f"{message}: {NEEDS_A_PERSON[reason]}"
     if retry is not None:
         return True, "Backoff", (
             f"{retry.request} failed {retry.failures} time{'s' * (retry.failures > 1)}: {retry.lastError}; "
             f"next retry at {retry.nextRetryAt.isoformat()} (or at once when the spec changes)")
     if status.vmState == V.ERROR:
         return True, "Error", last.message if last else ""
-    _, reason, message = readiness(status, spec)
-    if reason in NEEDS_A_PERSON:
-        return True, reason, f"{message}: {NEEDS_A_PERSON[reason]}"
     if reason == "SpecNotMet" and last and last.result == "Rejected" and last.id.startswith("spec-g"):
         return True, "SpecRejected", f"{message}; change the spec to ask for something else"
     return False, "None", ""
