@@ -462,17 +462,24 @@ class Operations:
             del password
 
     # ---- migration (core/migration.py) --------------------------------------------------
-    async def op_migrate_prepare_target(self, inst: VirtualInstance) -> dict[str, str] | str:
-        """The target: the image here (NOT_YET while it downloads), the networks, the disks and
-        the domain defined, not started; answers where the source's libvirtd sends the guest."""
+    async def _define_here(self, inst: VirtualInstance) -> bool:
+        """The instance's domain defined on this node, not started, as it is on record (a migration's
+        or an evacuation's target): False while its image is still downloading here."""
         image = inst.status.image or ""
         state, message = await self.image_state(inst, image) if image else (PRESENT, "diskless")
         if state == DOWNLOADING:
-            return NOT_YET
+            return False
         if state == UNAVAILABLE:
             raise OperationError(message)
         await self.op_plug_network(inst)
         await self.op_prepare_disks(inst)
+        return True
+
+    async def op_migrate_prepare_target(self, inst: VirtualInstance) -> dict[str, str] | str:
+        """The target: the image here (NOT_YET while it downloads), the networks, the disks and
+        the domain defined, not started; answers where the source's libvirtd sends the guest."""
+        if not await self._define_here(inst):
+            return NOT_YET
         return self.migration.for_instance(inst.metadata.uid)
 
     async def op_migrate(self, inst: VirtualInstance) -> None:
@@ -499,14 +506,8 @@ class Operations:
     async def op_evacuate_rebuild(self, inst: VirtualInstance) -> str | None:
         """The target of an evacuation: the guest built afresh from its image (NOT_YET while the
         image downloads), booted unless it was stopped; safe to run again."""
-        image = inst.status.image or ""
-        state, message = await self.image_state(inst, image) if image else (PRESENT, "diskless")
-        if state == DOWNLOADING:
+        if not await self._define_here(inst):
             return NOT_YET
-        if state == UNAVAILABLE:
-            raise OperationError(message)
-        await self.op_plug_network(inst)
-        await self.op_prepare_disks(inst)
         if inst.status.currentTask.originVmState != VmState.STOPPED:
             await self.op_start(inst)
         return None
