@@ -1065,7 +1065,9 @@ class Hypervisor:
                       libvirt.VIR_MIGRATE_PARAM_URI: data_uri}
             flags = (libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
                      | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-                     | (libvirt.VIR_MIGRATE_LIVE if live else libvirt.VIR_MIGRATE_PAUSED))
+                     # a busy guest's memory may never converge: QEMU slows its vCPUs until it does
+                     | (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_AUTO_CONVERGE if live
+                        else libvirt.VIR_MIGRATE_PAUSED))
             if disks:
                 params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = disks
                 params[libvirt.VIR_MIGRATE_PARAM_DISKS_URI] = disks_uri
