@@ -6,6 +6,7 @@
 #   - .venv with `pip install -e '.[dev]'` (again only when pyproject.toml changed)
 #   - the control-plane binaries (hack/build-controlplane.sh; cached outside the repo)
 #   - the kstatus checker the tests run (hack/build-kstatus.sh; cached outside the repo)
+#   (the container image, hack/build-image.sh, is built by the test that runs it: about 90 s cold)
 # Run as root, or as a user with sudo (used for apt-get and useradd).
 # Quiet and fast (about a second) when everything is already in place.
 set -euo pipefail
@@ -23,6 +24,7 @@ packages=(
   util-linux mount passwd ca-certificates curl git                      # unshare/mount, useradd, downloads
   lua5.1                                                                # runs the chart's Argo CD health check in tests
   dnsmasq-base iproute2 iptables nftables                               # libvirt network driver; nft: tests read host rules
+  podman runc mmdebstrap                                                # hack/build-image.sh: the image, from Debian's packages
 )
 missing=()
 for p in "${packages[@]}"; do

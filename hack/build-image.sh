@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Builds the container image localhost/novalet:dev from Debian's packages and PyPI only (no
+# registry is needed, none is reachable on the project's machines):
+#   1. a bookworm root file system made by mmdebstrap (python3, python3-libvirt, qemu-utils),
+#      imported into podman as localhost/novalet-base:<hash of its recipe> (kept: built once);
+#   2. a wheelhouse of novalet and its Python dependencies (pip, on this machine);
+#   3. localhost/novalet:dev: a venv that sees Debian's libvirt bindings, novalet installed from
+#      the wheelhouse, built with no network.
+# Caches live outside the repo, in <novalet cache>/image (NOVALET_CACHE, default ~/.cache/novalet).
+# Prints the image's name. Runs podman with runc (crun refuses this machine's cgroup layout).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+say() { echo "build-image: $*" >&2; }
+
+image=${NOVALET_IMAGE:-localhost/novalet:dev}
+cache=${NOVALET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/novalet}/image
+mirror=${NOVALET_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+security=${NOVALET_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+packages=python3,python3-venv,python3-libvirt,qemu-utils,ca-certificates
+podman=(podman --runtime /usr/sbin/runc)
+mkdir -p "$cache/debs" "$cache/wheelhouse"
+
+# --- 1. the base: Debian's packages, built once per recipe ---------------------------------
+recipe="bookworm $packages $mirror $security v1"
+base="localhost/novalet-base:$(printf '%s' "$recipe" | sha256sum | cut -c1-12)"
+if ! "${podman[@]}" image exists "$base"; then
+  say "making the Debian root file system ($packages)"
+  rootfs=$(mktemp "$cache/rootfs.XXXXXX.tar")
+  trap 'rm -f "$rootfs"' EXIT
+  mmdebstrap --quiet --variant=minbase --include="$packages" \
+    --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
+    --dpkgopt='path-include=/usr/share/doc/*/copyright' --dpkgopt='path-exclude=/usr/share/locale/*' \
+    --skip=essential/unlink --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
+    --setup-hook="sync-in $cache/debs /var/cache/apt/archives/" \
+    --customize-hook="sync-out /var/cache/apt/archives $cache/debs" \
+    --customize-hook='rm -f "$1"/var/cache/apt/archives/*.deb' \
+    bookworm "$rootfs" "deb $mirror bookworm main" "deb $mirror bookworm-updates main" \
+    "deb $security bookworm-security main" >&2
+  "${podman[@]}" import --quiet "$rootfs" "$base" >/dev/null
+  rm -f "$rootfs"
+  trap - EXIT
+fi
+
+# --- 2. the wheelhouse: novalet and its dependencies but libvirt-python (Debian's is in the base)
+wheels="$cache/wheelhouse"
+rm -f "$wheels"/novalet-*.whl
+"$repo/.venv/bin/pip" wheel --quiet --no-deps --wheel-dir "$wheels" "$repo" >&2
+deps=$("$repo/.venv/bin/python" - "$repo/pyproject.toml" <<'EOF'
+import sys, tomllib
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+print("\n".join(d.split("#")[0].strip() for d in deps if not d.startswith("libvirt-python")))
+EOF
+)
+mapfile -t deps <<<"$deps"
+"$repo/.venv/bin/pip" download --quiet --dest "$wheels" --only-binary=:all: --python-version 3.11 \
+  --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux_2_28_x86_64 --platform linux_x86_64 --platform any "${deps[@]}" >&2
+
+# --- 3. the image -----------------------------------------------------------------------------
+context=$(mktemp -d "$cache/context.XXXXXX")
+trap 'rm -rf "$context"' EXIT
+cp -r "$wheels" "$context/wheelhouse"
+cat >"$context/Containerfile" <<EOF
+FROM $base
+COPY wheelhouse /tmp/wheelhouse
+# --system-site-packages: Debian's python3-libvirt (libvirt-python 9.0, matching the host's libvirtd)
+RUN python3 -m venv --system-site-packages /opt/novalet \\
+ && /opt/novalet/bin/pip install --quiet --no-index --find-links /tmp/wheelhouse --no-cache-dir novalet \\
+ && rm -rf /tmp/wheelhouse
+ENV PATH=/opt/novalet/bin:/usr/sbin:/usr/bin:/sbin:/bin PYTHONUNBUFFERED=1
+ENTRYPOINT ["novalet"]
+EOF
+say "building $image on $base"
+"${podman[@]}" build --quiet --network none --tag "$image" "$context" >/dev/null
+echo "$image"
