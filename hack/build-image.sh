@@ -45,7 +45,10 @@ fi
 # --- 2. the wheelhouse: novalet and its dependencies but libvirt-python (Debian's is in the base)
 wheels="$cache/wheelhouse"
 rm -f "$wheels"/novalet-*.whl
-"$repo/.venv/bin/pip" wheel --quiet --no-deps --wheel-dir "$wheels" "$repo" >&2
+source=$(mktemp -d "$cache/source.XXXXXX")  # setuptools writes build/ beside the sources: not in the repo
+cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/operator" "$source/"
+"$repo/.venv/bin/pip" wheel --quiet --no-deps --wheel-dir "$wheels" "$source" >&2
+rm -rf "$source"
 deps=$("$repo/.venv/bin/python" - "$repo/pyproject.toml" <<'EOF'
 import sys, tomllib
 deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
