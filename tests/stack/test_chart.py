@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import re
+import shlex
 import subprocess
 import time
 import uuid
@@ -368,6 +369,204 @@ def test_helm_template_webhook_configuration_and_policies(helm):
     assert hook["failurePolicy"] == "Ignore" and hook["namespaceSelector"] == {"matchLabels": {"team": "a"}}
 
 
+# --- values.schema.json: a wrong value fails with the key's name --------------------------
+
+SCHEMA = CHART / "values.schema.json"
+SCHEMA_ERROR = "values don't meet the specifications of the schema(s)"
+
+
+def test_values_schema_covers_every_value():
+    """Every key of values.yaml has a schema with a description, and every object of the chart's
+    own (not a Kubernetes object passed through, like securityContext) refuses unknown keys."""
+    schema = json.loads(SCHEMA.read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def walk(node: dict, value, path: str) -> None:
+        assert node.get("description") or not path, f"{path}: no description"
+        if "properties" in node:
+            assert node["type"] == "object" and node["additionalProperties"] is False, path
+            assert set(node.get("required", [])) <= set(node["properties"]), path
+            for key, sub in node["properties"].items():
+                walk(sub, (value or {}).get(key), f"{path}.{key}".lstrip("."))
+            if isinstance(value, dict):
+                assert set(value) <= set(node["properties"]), f"{path}: {set(value) - set(node['properties'])}"
+        if isinstance(node.get("items"), dict) and "properties" in node["items"]:
+            walk({**node["items"], "description": "item"}, None, f"{path}[]")
+
+    walk(schema, values, "")
+
+
+# (id, --set arguments or a values file's content, what helm's error must say)
+WRONG_VALUES = [
+    ("misspelled-key", ["--set", "agent.wokers=4"], "at '/agent': additional properties 'wokers' not allowed"),
+    ("misspelled-key-in-a-file", {"controller": {"webhook": {"failurPolicy": "Ignore"}}},
+     "at '/controller/webhook': additional properties 'failurPolicy' not allowed"),
+    ("misspelled-top-level-key", {"agnet": {"workers": 4}}, "at '': additional properties 'agnet' not allowed"),
+    ("string-for-a-number", ["--set", "agent.workers=many"], "at '/agent/workers': got string, want integer"),
+    ("string-for-seconds", {"agent": {"stopTimeout": "60s"}}, "at '/agent/stopTimeout': got string, want number"),
+    ("negative-timeout", ["--set", "agent.libvirtTimeout=-5"],
+     "at '/agent/libvirtTimeout': exclusiveMinimum: got -5, want 0"),
+    ("zero-lease", ["--set", "agent.lease.durationSeconds=0"],
+     "at '/agent/lease/durationSeconds': exclusiveMinimum: got 0, want 0"),
+    ("negative-migration-timeout", {"agent": {"migration": {"timeoutSeconds": -1.5}}},
+     "at '/agent/migration/timeoutSeconds': exclusiveMinimum: got -1.5, want 0"),
+    ("bad-pull-policy", ["--set", "image.pullPolicy=Sometimes"],
+     "at '/image/pullPolicy': value must be one of 'IfNotPresent', 'Always', 'Never'"),
+    ("bad-failure-policy", ["--set", "controller.webhook.failurePolicy=fail"],
+     "at '/controller/webhook/failurePolicy': value must be one of 'Fail', 'Ignore'"),
+    ("bad-domain-type", ["--set", "agent.domainType=xen"],
+     "at '/agent/domainType': value must be one of 'auto', 'qemu', 'kvm'"),
+    ("port-out-of-range", ["--set", "controller.webhook.port=70000"],
+     "at '/controller/webhook/port': maximum: got 70,000, want 65,535"),
+    ("webhook-port-0", ["--set", "controller.webhook.port=0"], "at '/controller/webhook/port': minimum: got 0, want 1"),
+    ("metrics-port-out-of-range", ["--set", "agent.metricsPort=65536"],
+     "at '/agent/metricsPort': maximum: got 65,536, want 65,535"),
+    ("negative-metrics-port", ["--set", "controller.metricsPort=-1"],
+     "at '/controller/metricsPort': minimum: got -1, want 0"),
+    ("webhook-timeout-over-30", ["--set", "controller.webhook.timeoutSeconds=31"],
+     "at '/controller/webhook/timeoutSeconds': maximum: got 31, want 30"),
+    ("no-workers", ["--set", "agent.workers=0"], "at '/agent/workers': minimum: got 0, want 1"),
+    ("zero-ratio", ["--set", "agent.allocationRatios.memory=0"],
+     "at '/agent/allocationRatios/memory': exclusiveMinimum: got 0, want 0"),
+    ("ratio-not-a-number", ["--set", "agent.allocationRatios.cpu=lots"],
+     "at '/agent/allocationRatios/cpu': 'lots' does not match pattern"),
+    ("bad-size", ["--set", "agent.snapshotQuota.bytes=50GB"],
+     "at '/agent/snapshotQuota/bytes': '50GB' does not match pattern"),
+    ("relative-path", ["--set", "agent.stateDir=var/lib/novalet"],
+     "at '/agent/stateDir': 'var/lib/novalet' does not match pattern '^/'"),
+    ("boolean-node-selector", ["--set", "agent.nodeSelector.novalet\\.io/hypervisor=true"],
+     "at '/agent/nodeSelector/novalet.io~1hypervisor': got boolean, want string"),
+    ("numeric-image-tag", ["--set", "image.tag=2"], "at '/image/tag': got number, want string"),
+    ("unknown-network-key", {"agent": {"networks": [{"name": "ext", "brige": "br-ext"}]}},
+     "at '/agent/networks/0': additional properties 'brige' not allowed"),
+    ("removed-section", ["--set", "agent.lease=null"], "at '/agent': missing property 'lease'"),
+]
+
+
+@pytest.mark.parametrize("values, message", [case[1:] for case in WRONG_VALUES], ids=[c[0] for c in WRONG_VALUES])
+def test_helm_template_refuses_a_wrong_value_naming_it(helm, tmp_path, values, message):
+    if isinstance(values, dict):
+        (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+        values = ["-f", str(tmp_path / "values.yaml")]
+    r = helm("template", "rel", str(CHART), *values, check=False)
+    assert r.returncode != 0 and SCHEMA_ERROR in r.stderr and message in r.stderr, r.stderr
+    assert not r.stdout.strip()  # nothing rendered
+
+
+def test_helm_lint_refuses_a_wrong_value(helm):
+    r = helm("lint", "--strict", str(CHART), "--set", "agent.workers=0", "--set", "agent.stopTimout=5", check=False)
+    assert r.returncode != 0 and "1 chart(s) failed" in r.stdout + r.stderr
+    assert "at '/agent/workers': minimum: got 0, want 1" in r.stdout
+    assert "at '/agent': additional properties 'stopTimout' not allowed" in r.stdout
+
+
+def test_helm_template_accepts_values_at_their_limits(helm, tmp_path):
+    """What the schema lets through, the agent's and the controller's parsers take: a fraction
+    given with --set (a string to helm), sizes in bytes, ports at the ends of their range, a
+    percentage, seconds with a fraction from a values file, Helm's `global` of a parent chart."""
+    from novalet.cli import build_parser
+
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({
+        "agent": {"stopTimeout": 2.5, "softRebootTimeout": 0.5, "orphans": {"graceSeconds": 0},
+                  "migration": {"peerDeadAfterSeconds": 0},
+                  "extraEnv": [{"name": "A", "value": "1"}], "resources": {"limits": {"memory": "256Mi", "cpu": 1}},
+                  "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}}},
+        "controller": {"webhook": {"namespaceSelector": {"matchExpressions": [
+            {"key": "team", "operator": "In", "values": ["a"]}]}}}}))
+    docs = _docs(helm("template", "rel", str(CHART), "-f", str(values),
+                      "--set", "agent.allocationRatios.cpu=1.5", "--set", "agent.allocationRatios.memory=.75",
+                      "--set", "agent.snapshotQuota.bytes=1073741824", "--set", "agent.metricsPort=65535",
+                      "--set", "controller.metricsPort=1", "--set", "controller.webhook.port=65535",
+                      "--set", "controller.webhook.timeoutSeconds=30", "--set-string", "image.tag=2",
+                      "--set", "global.anything=1", "--set", "agent.workers=1").stdout)
+    agent = _one(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+    assert agent["image"] == "novalet:2"
+    args = build_parser().parse_args(agent["args"])
+    assert (args.cpu_allocation_ratio, args.memory_allocation_ratio, args.snapshot_quota_bytes, args.metrics_port,
+            args.stop_timeout, args.soft_reboot_timeout, args.workers, args.orphan_grace_seconds,
+            args.migration_peer_dead_after) == (1.5, 0.75, 2**30, 65535, 2.5, 0.5, 1, 0.0, 0.0)
+    controller = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert build_parser().parse_args(controller["args"]).webhook_port == 65535
+    assert _one(docs, "ValidatingWebhookConfiguration")["webhooks"][0]["timeoutSeconds"] == 30
+
+
+# --- the docs' values examples render --------------------------------------------------------
+
+VALUE_FLAGS = ("--set", "--set-string", "--set-json")
+DOC_FILES = [REPO / "README.md", CHART / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def _value_flags(words: list[str]) -> list[str]:
+    """The --set/--set-string/--set-json arguments among a command's words (-f names a file the
+    docs do not ship)."""
+    flags = []
+    for i, word in enumerate(words):
+        if word in VALUE_FLAGS and i + 1 < len(words):
+            flags += [word, words[i + 1]]
+        elif word.split("=", 1)[0] in VALUE_FLAGS and "=" in word:
+            flags += word.split("=", 1)
+    return flags
+
+
+def _doc_value_examples() -> list[tuple[str, list[str] | str]]:
+    """(where, values) for every example of the chart's values in the docs: the value flags of
+    each `helm install|upgrade|template ... charts/novalet` command and of each `--set ...` code
+    span (split as the shell splits them), each `key=value` code span whose key is one of the
+    chart's, and each YAML block made of the chart's top-level keys (a values file)."""
+    top = set(yaml.safe_load((CHART / "values.yaml").read_text()))
+    examples: list[tuple[str, list[str] | str]] = []
+    for doc in DOC_FILES:
+        if not doc.exists():
+            continue
+        where, text = str(doc.relative_to(REPO)), doc.read_text()
+        fence = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+        for lang, body in fence.findall(text):
+            if lang == "yaml":
+                try:
+                    data = yaml.safe_load(body)
+                except yaml.YAMLError:  # an illustration, not a manifest or values
+                    continue
+                if isinstance(data, dict) and data and set(data) <= top:
+                    examples.append((f"{where}: values {sorted(data)}", body))
+            lines = re.sub(r"\\\n", " ", body).splitlines()  # continuation lines joined
+            for command in [line for line in lines if re.match(r"\s*helm (install|upgrade|template) ", line)]:
+                if "charts/novalet" in command:
+                    examples.append((f"{where}: {command.strip()}", _value_flags(shlex.split(command))))
+        for span in re.findall(r"`([^`\n]+)`", fence.sub("", text)):
+            if re.match(r"helm (install|upgrade|template) .*charts/novalet", span) or span.startswith("--set"):
+                examples.append((f"{where}: `{span}`", _value_flags(shlex.split(span))))
+            elif re.fullmatch(r"[A-Za-z][\w.\\/-]*=\S+", span) and span.split(".", 1)[0] in top:
+                examples.append((f"{where}: `{span}`", ["--set", span]))
+    return [(where, values) for where, values in examples if values]
+
+
+DOC_EXAMPLES = _doc_value_examples()
+
+
+def test_the_docs_have_values_examples():
+    wheres = " ".join(where for where, _ in DOC_EXAMPLES)
+    for doc in ("docs/install.md", "charts/novalet/README.md", "docs/operations.md", "docs/networks.md"):
+        assert doc in wheres, doc
+    assert len(DOC_EXAMPLES) >= 8, DOC_EXAMPLES
+
+
+@pytest.mark.parametrize("values", [v for _, v in DOC_EXAMPLES], ids=[w for w, _ in DOC_EXAMPLES])
+def test_helm_template_renders_the_docs_values_examples(helm, tmp_path, values):
+    if isinstance(values, str):
+        (tmp_path / "values.yaml").write_text(values)
+        values = ["-f", str(tmp_path / "values.yaml")]
+    helm("template", "rel", str(CHART), "-n", "nv", *values)
+
+
+def test_the_docs_node_selector_example_selects_the_label(helm):
+    """install.md's placement example: a label value that reads as a boolean goes in as a string."""
+    (span,) = [v for w, v in DOC_EXAMPLES if w.startswith("docs/install.md") and "nodeSelector" in " ".join(v)]
+    docs = _docs(helm("template", "rel", str(CHART), *span).stdout)
+    assert _one(docs, "DaemonSet")["spec"]["template"]["spec"]["nodeSelector"] == {"novalet.io/hypervisor": "true"}
+
+
 # --- Prometheus Operator objects and the Grafana dashboard -------------------------------
 
 MONITORS = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "agent.metricsPort=9100",
@@ -722,6 +921,28 @@ def test_helm_upgrade_keeps_the_webhook_ca(control_plane, release, helm):
     assert before[0] == before[1]
     helm("upgrade", release.name, str(CHART), "-n", release.namespace, "--reuse-values")
     assert ca() == before  # the running controller's certificate stays valid across upgrades
+
+
+def test_helm_install_and_upgrade_refuse_a_wrong_value(control_plane, release, helm):
+    """`helm install` with a wrong value fails before anything reaches the cluster, naming the
+    key (no namespace, no release); `helm upgrade` with one leaves the release as it was."""
+    name, ns = f"nv{uuid.uuid4().hex[:6]}", f"chart-{uuid.uuid4().hex[:6]}"
+    r = helm("install", name, str(CHART), "--namespace", ns, "--create-namespace", "--set", "agent.stopTimout=30",
+             check=False)
+    assert r.returncode != 0 and r.stderr.startswith(f"Error: INSTALLATION FAILED: {SCHEMA_ERROR}"), r.stderr
+    assert "at '/agent': additional properties 'stopTimout' not allowed" in r.stderr
+    assert control_plane.kubectl("get", "namespace", ns, check=False).returncode != 0
+    assert helm("status", name, "-n", ns, check=False).returncode != 0
+
+    def history() -> list[dict]:
+        return json.loads(helm("history", release.name, "-n", release.namespace, "-o", "json").stdout)
+
+    before = history()
+    r = helm("upgrade", release.name, str(CHART), "-n", release.namespace, "--reuse-values",
+             "--set", "controller.webhook.failurePolicy=ignore", check=False)
+    assert r.returncode != 0 and r.stderr.startswith(f"Error: UPGRADE FAILED: {SCHEMA_ERROR}"), r.stderr
+    assert "at '/controller/webhook/failurePolicy': value must be one of 'Fail', 'Ignore'" in r.stderr
+    assert history() == before
 
 
 async def test_webhook_down_refuses_spec_changes_only_and_the_policies_hold(control_plane, release, kube_api,
