@@ -75,5 +75,10 @@ ENV PATH=/opt/novalet/bin:/usr/sbin:/usr/bin:/sbin:/bin PYTHONUNBUFFERED=1
 ENTRYPOINT ["novalet"]
 EOF
 say "building $image on $base"
+before=$("${podman[@]}" image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
 "${podman[@]}" build --quiet --network none --tag "$image" "$context" >/dev/null
+# the image the tag named before (a new wheel makes a new image): removed unless a container uses it
+if [ -n "$before" ] && [ "$before" != "$("${podman[@]}" image inspect --format '{{.Id}}' "$image")" ]; then
+  "${podman[@]}" rmi "$before" >/dev/null 2>&1 || true
+fi
 echo "$image"
