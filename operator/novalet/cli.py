@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve Prometheus metrics on this port (0: off; docs/operations.md)")
     run.add_argument("--metrics-address", default="127.0.0.1",
                      help="address the metrics listen on (0.0.0.0 in a pod, for Prometheus to scrape)")
+    run.add_argument("--health-port", type=int, default=0,
+                     help="serve kopf's liveness endpoint, GET /healthz, on this port at --metrics-address "
+                          "(0: off; the chart's liveness and readiness probes)")
     run.add_argument("--network", action="append", type=_network, metavar="NAME=network:LIBVIRT_NETWORK",
                      help="a network this node provides to spec.interfaces: a libvirt network "
                           "(NAME=network:NET) or an existing host bridge (NAME=bridge:BRIDGE); repeatable "
@@ -203,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve Prometheus metrics on this port (0: off; docs/operations.md)")
     ctl.add_argument("--metrics-address", default="127.0.0.1",
                      help="address the metrics listen on (0.0.0.0 in a pod, for Prometheus to scrape)")
+    ctl.add_argument("--health-port", type=int, default=0,
+                     help="serve kopf's liveness endpoint, GET /healthz, on this port at --metrics-address "
+                          "(0: off; the chart's liveness and readiness probes)")
     ctl.add_argument("--webhook-addr", default="127.0.0.1", help="address the webhook listens on")
     ctl.add_argument("--webhook-host", default="127.0.0.1",
                      help="host name or IP the apiserver uses to reach the webhook")

@@ -50,3 +50,27 @@ async def test_metrics_count_what_the_agent_did(instances, agents):
     assert sample(samples, "novalet_tasks_finished_total", action="Delete", result="Succeeded") == 1
     assert sample(samples, "novalet_libvirt_call_duration_seconds_count", call="pause") == 1
     assert not [key for key in samples if key[0] == "novalet_instances"]  # gone from the node
+
+
+def get(url: str) -> tuple[int, str]:
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=5) as answer:  # loopback only
+        return answer.status, answer.read().decode()
+
+
+async def test_agent_and_controller_answer_their_liveness_probe(agents):
+    """--health-port: kopf's liveness endpoint, which the chart's liveness and readiness probes ask."""
+    agent_port, controller_port = free_port(), free_port()
+    agent = agents.start(unique_node(), extra_args=["--health-port", str(agent_port)])
+    controller = agents.start_controller(extra_args=["--health-port", str(controller_port)])
+    for port, process in ((agent_port, agent), (controller_port, controller)):
+        for _ in range(60):
+            try:
+                status, body = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/healthz")
+                break
+            except OSError:
+                assert process.process.poll() is None, process.tail()
+                await asyncio.sleep(0.5)
+        else:
+            pytest.fail(f"nothing answered on port {port}\n{process.tail()}")
+        assert status == 200 and body.startswith("{"), body

@@ -1208,3 +1208,26 @@ def test_helm_uninstall_removes_cluster_objects(control_plane, crds, helm, tmp_p
     # the CRD stays (Helm never deletes crds/): deleting it would delete every instance
     control_plane.kubectl("get", "crd", "virtualinstances.novalet.io")
     control_plane.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_helm_template_probes_ask_the_health_port(helm, tmp_path):
+    """Liveness and readiness probes on kopf's liveness endpoint (--health-port) in both pods,
+    listening on the pod's addresses; healthPort 0: no endpoint, no probe."""
+    def pods(*args: str) -> list[dict]:
+        docs = _docs(helm("template", "rel", str(CHART), *args).stdout)
+        return [_one(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]["containers"][0],
+                _one(docs, "Deployment", "-controller")["spec"]["template"]["spec"]["containers"][0]]
+
+    for container in pods():
+        assert {"--health-port=8081", "--metrics-address=0.0.0.0"} <= set(container["args"])
+        assert {"name": "health", "containerPort": 8081} in [
+            {k: p[k] for k in ("name", "containerPort")} for p in container["ports"]]
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, container[probe]
+    from novalet.cli import build_parser
+    parsed = build_parser().parse_args(["run", "--node-name", "n", "--health-port=8081", "--metrics-address=0.0.0.0"])
+    assert (parsed.health_port, parsed.metrics_address) == (8081, "0.0.0.0")
+
+    for container in pods("--set", "agent.healthPort=0", "--set", "controller.healthPort=0"):
+        assert not [a for a in container["args"] if a.startswith(("--health-port", "--metrics-address"))]
+        assert "livenessProbe" not in container and "readinessProbe" not in container

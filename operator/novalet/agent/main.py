@@ -27,7 +27,7 @@ from ..core.catalog import SnapshotQuota
 from ..core import migration
 from ..core.fencing import LeaseTiming
 from ..core.reaping import ReapPolicy
-from ..kube.client import RetryForever, api_client, register_login
+from ..kube.client import RetryForever, api_client, health_endpoint, register_login
 from ..kube.events import EventRecorder
 from ..kube.instances import LIST_PAGE, NODE_LABEL, InstanceStore
 from ..kube.lease import NodeLease, view
@@ -408,5 +408,6 @@ def run_agent(args: argparse.Namespace) -> int:
     registry = build_registry(agent)
     namespaces = args.namespace or []
     asyncio.run(kopf.operator(registry=registry, standalone=True, clusterwide=not namespaces,
+                              liveness_endpoint=health_endpoint(args),
                               namespaces=namespaces))
     return 0

@@ -16,7 +16,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from .. import GROUP, PLURAL, VERSION
 from ..api.models import VirtualInstance
 from ..core.admission import review
-from ..kube.client import RetryForever, api_client, register_login
+from ..kube.client import RetryForever, api_client, health_endpoint, register_login
 from ..tls import self_signed
 from .heartbeat import HeartbeatWatch
 from .metrics import ControllerMetrics
@@ -139,5 +139,6 @@ def run_controller(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     registry = build_registry(args)
-    asyncio.run(kopf.operator(registry=registry, standalone=True, clusterwide=True))
+    asyncio.run(kopf.operator(registry=registry, standalone=True, clusterwide=True,
+                              liveness_endpoint=health_endpoint(args)))
     return 0

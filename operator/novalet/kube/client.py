@@ -63,3 +63,11 @@ class RetryForever:
 
     def __iter__(self) -> Iterator[float]:
         return itertools.chain((1, 2, 5), itertools.repeat(10))
+
+
+def health_endpoint(args: Any) -> str | None:
+    """kopf's liveness endpoint for `--health-port` at `--metrics-address` (None: off)."""
+    if not args.health_port:
+        return None
+    host = args.metrics_address
+    return f"http://[{host}]:{args.health_port}/healthz" if ":" in host else f"http://{host}:{args.health_port}/healthz"
