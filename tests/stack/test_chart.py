@@ -122,7 +122,8 @@ def test_helm_template_renders(helm):
     assert kinds == sorted(["CustomResourceDefinition"] * 4 + ["ServiceAccount", "ServiceAccount", "ClusterRole",
                             "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
                             "Role", "Role", "RoleBinding", "RoleBinding", "DaemonSet", "Deployment", "Service",
-                            "Secret", "ValidatingWebhookConfiguration", "Lease", *POLICY_KINDS]), kinds
+                            "Secret", "ValidatingWebhookConfiguration", "Lease", "PodDisruptionBudget",
+                            *POLICY_KINDS]), kinds
     crds = {d["metadata"]["name"]: d for d in docs if d["kind"] == "CustomResourceDefinition"}
     for plural in ("virtualinstances", "virtualimages", "clustervirtualimages", "hypervisors"):
         assert crds[f"{plural}.novalet.io"] == yaml.safe_load((REPO / "crds" / f"novalet.io_{plural}.yaml").read_text())
@@ -158,7 +159,7 @@ def test_helm_template_renders(helm):
                                "--tls-cert=/etc/novalet/tls/tls.crt", "--tls-key=/etc/novalet/tls/tls.key"]
     tls = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
     assert tls["secret"]["secretName"] == "rel-novalet-webhook-tls"
-    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["replicas"] == 2  # every replica serves the webhook with the same Secret
     svc = _one(docs, "Service", "-controller")
     assert svc["spec"]["ports"][0]["port"] == 9443
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
@@ -1231,3 +1232,21 @@ def test_helm_template_probes_ask_the_health_port(helm, tmp_path):
     for container in pods("--set", "agent.healthPort=0", "--set", "controller.healthPort=0"):
         assert not [a for a in container["args"] if a.startswith(("--health-port", "--metrics-address"))]
         assert "livenessProbe" not in container and "readinessProbe" not in container
+
+
+def test_helm_template_two_controllers_and_their_disruption_budget(helm):
+    """Two controller replicas by default, rolled one at a time (never none serving the webhook),
+    and a PodDisruptionBudget that keeps one through a drain; one replica: no budget."""
+    docs = _docs(helm("template", "rel", str(CHART)).stdout)
+    deployment = _one(docs, "Deployment", "-controller")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    budget = _one(docs, "PodDisruptionBudget", "-controller")
+    assert budget["spec"]["minAvailable"] == 1
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    single = _docs(helm("template", "rel", str(CHART), "--set", "controller.replicas=1").stdout)
+    assert not [d for d in single if d["kind"] == "PodDisruptionBudget"]
+    assert _one(single, "Deployment", "-controller")["spec"]["replicas"] == 1

@@ -28,6 +28,7 @@ async def test_an_unreadable_object_does_not_stop_the_heartbeat_check():
     watch = HeartbeatWatch.__new__(HeartbeatWatch)
     watch.store = Store([body("newer", "shelved"), body("ok", "active")])
     watch.metrics = ControllerMetrics()
+    watch.acting = lambda: True
 
     async def leases():
         return {}  # the node's agent never renewed: every instance of it is marked
@@ -39,3 +40,22 @@ async def test_an_unreadable_object_does_not_stop_the_heartbeat_check():
     assert name == "ok" and conditions["HostAgentReady"].status == "False"
     assert (conditions["Ready"].status, conditions["Ready"].reason) == ("False", "HostAgentUnavailable")
     assert watch.metrics.registry.get_sample_value("novalet_instances_agent_unavailable") == 1  # the readable one
+
+
+async def test_a_standby_replica_reads_the_leases_and_writes_nothing():
+    """Two controller replicas: the one holding the scheduler's Lease marks dead agents'
+    instances; the other keeps the Leases (its webhook reads their networks) and writes nothing."""
+    watch = HeartbeatWatch.__new__(HeartbeatWatch)
+    watch.store = Store([body("ok", "active")])
+    watch.metrics = ControllerMetrics()
+    read = []
+
+    async def leases():
+        read.append(True)
+        return {}
+
+    watch.leases = leases
+    watch.acting = lambda: False
+    assert await watch.check_once() == 0 and watch.store.written == [] and read
+    watch.acting = lambda: True
+    assert await watch.check_once() == 1

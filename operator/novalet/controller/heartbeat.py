@@ -5,6 +5,7 @@ cluster controller; the agent sets the condition back to True when it returns.
 """
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from kubernetes_asyncio import client
@@ -57,8 +58,10 @@ def with_condition(inst: VirtualInstance, condition: Condition) -> VirtualInstan
 
 class HeartbeatWatch:
     def __init__(self, api: client.ApiClient, lease_namespace: str, interval_s: float = 5.0,
-                 metrics: ControllerMetrics | None = None):
+                 metrics: ControllerMetrics | None = None, acting: Callable[[], bool] | None = None):
+        """`acting`: whether this replica writes (it holds the scheduler's Lease); None: always."""
         self.metrics = metrics or ControllerMetrics()
+        self.acting = acting or (lambda: True)
         self.coordination = client.CoordinationV1Api(api)
         self.store = InstanceStore(api)
         self.lease_namespace, self.interval_s = lease_namespace, interval_s
@@ -78,6 +81,8 @@ class HeartbeatWatch:
     async def check_once(self) -> int:
         now = datetime.now(UTC)
         leases = await self.leases()
+        if not self.acting():  # a standby replica: the Leases for its webhook, no writes
+            return 0
         marked = unavailable = 0
         async for body in self.store.list_all():
             try:

@@ -99,14 +99,18 @@ def build_registry(args: argparse.Namespace) -> kopf.OperatorRegistry:
         if args.metrics_port:
             metrics.serve(args.metrics_port, args.metrics_address)
             log.info("metrics on http://%s:%d/metrics", args.metrics_address, args.metrics_port)
-        watch = HeartbeatWatch(api, args.lease_namespace, metrics=metrics)
-        watches.append(watch)
-        background.append(asyncio.get_running_loop().create_task(watch.run()))
+        scheduler = None
         if args.scheduler:
             identity = f"scheduler/{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
             scheduler = Scheduler(await api_client(), args.lease_namespace, identity, policy=args.placement,
                                   lease_name=args.scheduler_lease, evacuate_after_s=args.evacuate_after)
             background.append(asyncio.get_running_loop().create_task(scheduler.run()))
+        # every replica serves the webhook (which reads the Leases' networks); the one holding the
+        # scheduler's Lease also marks the instances of dead agents, so N replicas write once
+        watch = HeartbeatWatch(api, args.lease_namespace, metrics=metrics,
+                               acting=scheduler.holds if scheduler is not None else None)
+        watches.append(watch)
+        background.append(asyncio.get_running_loop().create_task(watch.run()))
 
     @kopf.on.cleanup(registry=registry)
     async def remove_webhook(**_: Any) -> None:
