@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds etcd, kube-apiserver, kube-controller-manager, kubectl and helm from the Go
-# module proxy at the versions pinned in hack/versions.env, into a cache outside the
-# repo keyed by those versions. Prints the bin directory. Does nothing when cached.
+# Builds etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl and
+# helm from the Go module proxy at the versions pinned in hack/versions.env, into a cache
+# outside the repo keyed by those versions. Prints the bin directory. Builds only what is
+# missing there; does nothing when all are cached.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.env
@@ -10,15 +11,21 @@ source "$here/versions.env"
 cache_root=${NOVALET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/novalet}
 key="k8s-${KUBERNETES_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}"
 bin="$cache_root/controlplane/$key/bin"
-tools=(etcd kube-apiserver kube-controller-manager kubectl helm)
+kube_tools=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
+tools=(etcd helm "${kube_tools[@]}")
 
-cached() { local t; for t in "${tools[@]}"; do [ -x "$bin/$t" ] || return 1; done; }
-if cached; then echo "$bin"; exit 0; fi
+missing() { local t; for t in "$@"; do [ -x "$bin/$t" ] || echo "$t"; done; }
+if [ -z "$(missing "${tools[@]}")" ]; then echo "$bin"; exit 0; fi
 
 command -v go >/dev/null || { echo "build-controlplane: Go is required (https://go.dev/dl)" >&2; exit 1; }
 work=$(mktemp -d "${TMPDIR:-/tmp}/novalet-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$bin.partial"
+# one build at a time (parallel test workers may all ask); a waiter finds the tools built
+mkdir -p "$(dirname "$bin")"
+exec 9>"$bin.lock"
+flock 9
+if [ -z "$(missing "${tools[@]}")" ]; then echo "$bin"; exit 0; fi
+rm -rf "$bin.partial" && mkdir -p "$bin.partial"
 export GOFLAGS="-mod=mod -buildvcs=false" CGO_ENABLED=0 GOTOOLCHAIN=local
 log() { echo "build-controlplane: $*" >&2; }
 
@@ -41,7 +48,7 @@ build_kubernetes() {
     ldflags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$date"
   done
-  for t in kube-apiserver kube-controller-manager kubectl; do
+  for t in $(missing "${kube_tools[@]}"); do
     log "building $t $v"
     go build -trimpath -ldflags "-s -w $ldflags" -o "$bin.partial/$t" "k8s.io/kubernetes/cmd/$t"
   done
@@ -69,9 +76,12 @@ build_helm() {
 }
 
 start=$(date +%s)
-build_etcd
-build_helm
-build_kubernetes
-rm -rf "$bin" && mv "$bin.partial" "$bin"
+[ -n "$(missing etcd)" ] && build_etcd
+[ -n "$(missing helm)" ] && build_helm
+[ -n "$(missing "${kube_tools[@]}")" ] && build_kubernetes
+# each tool moved in on its own: a stack running from $bin keeps its binaries
+mkdir -p "$bin"
+for t in "$bin.partial"/*; do mv -f "$t" "$bin/"; done
+rmdir "$bin.partial"
 log "built in $(( $(date +%s) - start ))s into $bin"
 echo "$bin"

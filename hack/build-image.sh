@@ -6,6 +6,8 @@
 #   2. a wheelhouse of novalet and its Python dependencies (pip, on this machine);
 #   3. localhost/novalet:dev: a venv that sees Debian's libvirt bindings, novalet installed from
 #      the wheelhouse, built with no network.
+#   4. localhost/novalet-pause:dev, the pod sandbox image, from Kubernetes' pause.c;
+#   5. both loaded into the local node's containerd when it runs (`novalet dev up --kubelet`).
 # Caches live outside the repo, in <novalet cache>/image (NOVALET_CACHE, default ~/.cache/novalet).
 # Prints the image's name. Runs podman with runc (crun refuses this machine's cgroup layout).
 set -euo pipefail
@@ -68,7 +70,10 @@ cat >"$context/Containerfile" <<EOF
 FROM $base
 COPY wheelhouse /tmp/wheelhouse
 # --system-site-packages: Debian's python3-libvirt (libvirt-python 9.0, matching the host's libvirtd)
-RUN python3 -m venv --system-site-packages /opt/novalet \\
+# the chart's non-root user (runAsUser 65532) needs a name: kopf asks for it (getpass.getuser)
+RUN useradd --system --uid 65532 --user-group --no-create-home --home-dir /nonexistent \\
+      --shell /usr/sbin/nologin novalet \\
+ && python3 -m venv --system-site-packages /opt/novalet \\
  && /opt/novalet/bin/pip install --quiet --no-index --find-links /tmp/wheelhouse --no-cache-dir novalet \\
  && rm -rf /tmp/wheelhouse
 ENV PATH=/opt/novalet/bin:/usr/sbin:/usr/bin:/sbin:/bin PYTHONUNBUFFERED=1
@@ -81,4 +86,24 @@ before=$("${podman[@]}" image inspect --format '{{.Id}}' "$image" 2>/dev/null ||
 if [ -n "$before" ] && [ "$before" != "$("${podman[@]}" image inspect --format '{{.Id}}' "$image")" ]; then
   "${podman[@]}" rmi "$before" >/dev/null 2>&1 || true
 fi
+
+# --- 4. the pod sandbox image a kubelet node needs (registry.k8s.io/pause, built here) ------------
+# Kubernetes' own pause.c at the control plane's pinned version, linked statically, alone in the image.
+source "$here/versions.env"
+pause_image=localhost/novalet-pause:dev
+pause_label="novalet.io/pause-source=kubernetes-$KUBERNETES_VERSION"
+if [ "$("${podman[@]}" image inspect --format '{{index .Labels "novalet.io/pause-source"}}' "$pause_image" 2>/dev/null)" \
+     != "kubernetes-$KUBERNETES_VERSION" ]; then
+  k8s_source=$(GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  pause_context=$(mktemp -d "$cache/pause.XXXXXX")
+  gcc -Os -static -Wall -Werror -DVERSION="kubernetes-$KUBERNETES_VERSION" -o "$pause_context/pause" \
+    "$k8s_source/build/pause/linux/pause.c"
+  printf 'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n' >"$pause_context/Containerfile"
+  say "building $pause_image"
+  "${podman[@]}" build --quiet --network none --label "$pause_label" --tag "$pause_image" "$pause_context" >/dev/null
+  rm -rf "$pause_context"
+fi
+
+# --- 5. into the local node's containerd, when one runs (`novalet dev up --kubelet`) -------------
+"$repo/.venv/bin/novalet" dev load-images "$image" "$pause_image" >&2
 echo "$image"

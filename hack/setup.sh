@@ -25,6 +25,7 @@ packages=(
   lua5.1                                                                # runs the chart's Argo CD health check in tests
   dnsmasq-base iproute2 iptables nftables                               # libvirt network driver; nft: tests read host rules
   podman runc mmdebstrap                                                # hack/build-image.sh: the image, from Debian's packages
+  containerd containernetworking-plugins socat libc6-dev                # `novalet dev up --kubelet`: the node, its pods, its forwarders
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -25,6 +25,7 @@ from .controlplane import ControlPlane, ControlPlaneError, find_bin_dir, repo_ro
 from .hosts import MAX_HOSTS, Host, Hosts, host_index
 from .images import ImagePublishError, ImageServer, ImageServerError
 from .libvirtd import Libvirtd, LibvirtdError, domain_type
+from .node import NODE_NAME, Node, NodeError, chart_values, images_in_podman
 
 
 def default_state_dir() -> Path:
@@ -110,12 +111,23 @@ def _up(args: argparse.Namespace) -> int:
             others = [h.name for h in hosts.listed() if h.index > wanted and h.libvirtd.is_running()]
             if others:
                 print(f"also running: {', '.join(others)} (`novalet dev down` stops every host)")
+        if args.kubelet:
+            if args.no_kube or args.no_libvirt:
+                raise ValueError("--kubelet needs the control plane and host-1's libvirtd")
+            node = Node(cp, NODE_NAME)
+            was_up = node.is_running()
+            node.start()
+            print(f"node {node.name} {'already ' if was_up else ''}up: kubelet, containerd and kube-scheduler "
+                  f"(node address {node.status()['ip']} in its network namespace {node.netns.path})")
+            loaded = node.load_images(images_in_podman())
+            print(f"images in the node's containerd: {', '.join(loaded)}" if loaded else
+                  "no image to load yet: hack/build-image.sh builds localhost/novalet:dev and loads it here")
         if not args.no_kube:  # what `dev image --name` publishes from
             srv = ImageServer(state)
             was_up = srv.is_running() and srv.healthy()
             srv.start()
             print(f"image server {'already ' if was_up else ''}up: {srv.base}/ (serving {srv.root})")
-    except (ControlPlaneError, LibvirtdError, ImageServerError, ValueError) as e:
+    except (ControlPlaneError, LibvirtdError, ImageServerError, NodeError, ValueError) as e:
         _err(str(e))
         return 1
     print(f"ready in {time.monotonic() - t0:.1f}s; run: eval \"$(novalet dev env)\"")
@@ -126,6 +138,9 @@ def _down(args: argparse.Namespace) -> int:
     state, cp, lv = _stack(args)
     srv = ImageServer(state)
     was = cp.is_running() or lv.is_running() or srv.is_running()
+    node = Node(cp, NODE_NAME)
+    was = node.is_running() or was
+    node.stop()  # its pods first: the agent pod talks to host-1's libvirtd
     was = bool(Hosts(state).down(destroy_domains=not args.keep_guests)) or was  # host-1 is lv
     cp.stop()
     srv.stop()
@@ -138,12 +153,13 @@ def _status(args: argparse.Namespace) -> int:
     cps, srvs = cp.status(), ImageServer(state).status()
     hosts = [h.status() for h in Hosts(state).listed()]  # host-1 first: the stack's libvirtd
     lvs = hosts[0]
+    node = Node(cp, NODE_NAME).status()
     # the image server is not counted: `dev image` starts it when it is not running
     ok = all(c["running"] and c.get("healthy") for c in cps["components"].values()) and \
         all(h["healthy"] for h in hosts)
     if args.json:
         print(json.dumps({"state_dir": str(state), "up": ok, "controlplane": cps, "libvirtd": lvs,
-                          "hosts": hosts, "image_server": srvs}, indent=2))
+                          "hosts": hosts, "image_server": srvs, "node": node}, indent=2))
         return 0 if ok else 3
     print(f"state dir: {state}")
     rows = [(n, c) for n, c in cps["components"].items()] + [("libvirtd", lvs)] + \
@@ -168,7 +184,33 @@ def _status(args: argparse.Namespace) -> int:
         state_word = ("up" if h["healthy"] else "UNHEALTHY") if h["running"] else "stopped"
         print(f"    {h['host']:<8} {state_word:<9} host uuid {h['host_uuid'] or '-'}  network {net['name']} "
               f"(bridge {net['bridge']}, {net['address']})  {h['uri']}")
+    if node["running"]:
+        print(f"  node {node['name']}: kubelet + containerd up, address {node['ip']}, pods {node['podCIDR']} "
+              f"(its own network namespace; `novalet dev chart-values` for helm install)")
+    else:
+        print("  node: none (`novalet dev up --kubelet` joins one)")
     return 0 if ok else 3
+
+
+def _load_images(args: argparse.Namespace) -> int:
+    """Copy images from podman into the running node's containerd; nothing to do without a node."""
+    _, cp, _ = _stack(args)
+    node = Node(cp, NODE_NAME)
+    if not node.is_running():
+        return 0
+    try:
+        for name in node.load_images(args.images):
+            print(f"loaded {name} into node {node.name}")
+    except NodeError as e:
+        _err(str(e))
+        return 1
+    return 0
+
+
+def _chart_values(args: argparse.Namespace) -> int:
+    state = _state(args)
+    print(json.dumps(chart_values(state, Hosts(state).host(1)), indent=2))
+    return 0
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -268,6 +310,9 @@ def add_dev_commands(subparsers) -> argparse.ArgumentParser:
                     help="run N hypervisor hosts, host-1 ... host-N, each a private libvirtd with its own host "
                          "UUID, state, network namespace and guest network (default 1: the stack's libvirtd); "
                          "on a running stack, adds the missing ones")
+    up.add_argument("--kubelet", action="store_true",
+                    help="also join a real node: kubelet, containerd (runc) and kube-scheduler, in a network "
+                         "namespace of its own, so the Helm chart's pods run (docs/install.md)")
     up.set_defaults(func=_up)
 
     down = dev_sub.add_parser("down", help="stop the stack started by `dev up`")
@@ -297,6 +342,17 @@ def add_dev_commands(subparsers) -> argparse.ArgumentParser:
     run_in.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
                         help="the command and its arguments (exit status passed through)")
     run_in.set_defaults(func=_exec)
+
+    load = dev_sub.add_parser("load-images", help="copy images from podman into the node's containerd "
+                                                  "(hack/build-image.sh calls it; nothing without a node)")
+    common(load)
+    load.add_argument("images", nargs="+", metavar="IMAGE")
+    load.set_defaults(func=_load_images)
+
+    values = dev_sub.add_parser("chart-values", help="print Helm values (JSON) that point the chart at the local "
+                                                     "stack: the image, host-1's libvirtd socket, directories")
+    common(values)
+    values.set_defaults(func=_chart_values)
 
     image = dev_sub.add_parser(
         "image", help="the tiny test guest (Debian kernel + busybox): published on the running stack as a "

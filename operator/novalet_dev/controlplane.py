@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import ipaddress
 import json
 import os
@@ -129,9 +130,8 @@ class _PKI:
 
     def ensure(self) -> None:
         from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec, rsa
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
         private_dir(self.dir)
         needed = ["ca.crt", "ca.key", "apiserver.crt", "apiserver.key", "admin.crt", "admin.key",
@@ -141,59 +141,16 @@ class _PKI:
                 os.chmod(self.path(key), 0o600)
             return
 
-        now = datetime.datetime.now(datetime.UTC)
-        start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=3650)
-
-        def key_pem(key) -> bytes:
-            return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption())
-
-        def name(cn: str, org: str | None = None) -> x509.Name:
-            attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-            if org:
-                attrs.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
-            return x509.Name(attrs)
-
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = name("novalet-dev-ca")
-        ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-              .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-              .not_valid_before(start).not_valid_after(end)
-              .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-              .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                           content_commitment=False, key_encipherment=False,
-                                           data_encipherment=False, key_agreement=False,
-                                           encipher_only=False, decipher_only=False), critical=True)
-              .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-              .sign(ca_key, hashes.SHA256()))
-
-        def issue(base: str, subject: x509.Name, *, server: bool = False, sans=()) -> None:
-            key = ec.generate_private_key(ec.SECP256R1())
-            b = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
-                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                 .not_valid_before(start).not_valid_after(end)
-                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                 .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=False,
-                                              content_commitment=False, data_encipherment=False,
-                                              key_agreement=False, key_cert_sign=False, crl_sign=False,
-                                              encipher_only=False, decipher_only=False), critical=True)
-                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                                       else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                                critical=False))
-            if sans:
-                b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-            cert = b.sign(ca_key, hashes.SHA256())
-            _write_private(self.path(f"{base}.key"), key_pem(key))
-            self.path(f"{base}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-        issue("apiserver", name("kube-apiserver"), server=True, sans=[
+        ca = _sign(ca_key, _name("novalet-dev-ca"), ca_key.public_key(), ca=True)
+        issue = functools.partial(_issue, self, ca_key, ca)
+        issue("apiserver", _name("kube-apiserver"), server=True, sans=[
             x509.DNSName("localhost"), x509.DNSName("kubernetes"), x509.DNSName("kubernetes.default"),
             x509.DNSName("kubernetes.default.svc"), x509.DNSName("kubernetes.default.svc.cluster.local"),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address(SERVICE_IP)),
         ])
-        issue("admin", name("novalet-admin", "system:masters"))
-        issue("controller-manager", name("system:kube-controller-manager"))
+        issue("admin", _name("novalet-admin", "system:masters"))
+        issue("controller-manager", _name("system:kube-controller-manager"))
         sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         _write_private(self.path("sa.key"), sa_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
@@ -201,8 +158,72 @@ class _PKI:
         self.path("sa.pub").write_bytes(sa_key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
         # the CA last: its presence marks a complete set
-        _write_private(self.path("ca.key"), key_pem(ca_key))
+        _write_private(self.path("ca.key"), _key_pem(ca_key))
         self.path("ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+
+    def client(self, base: str, common_name: str, org: str | None = None) -> tuple[Path, Path]:
+        """A client certificate signed by the stack's CA (made once, kept): (crt, key)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        if not (self.path(f"{base}.crt").exists() and self.path(f"{base}.key").exists()):
+            ca_key = serialization.load_pem_private_key(self.path("ca.key").read_bytes(), None)
+            ca = x509.load_pem_x509_certificate(self.path("ca.crt").read_bytes())
+            _issue(self, ca_key, ca, base, _name(common_name, org))
+        return self.path(f"{base}.crt"), self.path(f"{base}.key")
+
+
+def _key_pem(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _name(cn: str, org: str | None = None):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if org:
+        attrs.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    return x509.Name(attrs)
+
+
+def _sign(signer, subject, public_key, *, issuer=None, ca: bool = False, server: bool = False, sans=()):
+    """A certificate for ``public_key`` signed by ``signer`` (ten years; self-signed when ca)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer or subject)
+         .public_key(public_key).serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(hours=1))
+         .not_valid_after(now + datetime.timedelta(days=3650))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=ca, crl_sign=ca,
+                                      content_commitment=False, key_encipherment=False,
+                                      data_encipherment=False, key_agreement=False,
+                                      encipher_only=False, decipher_only=False), critical=True))
+    if ca:
+        b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    else:
+        b = (b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                                    else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+                            critical=False))
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    return b.sign(signer, hashes.SHA256())
+
+
+def _issue(pki: _PKI, ca_key, ca, base: str, subject, *, server: bool = False, sans=()) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _sign(ca_key, subject, key.public_key(), issuer=ca.subject, server=server, sans=sans)
+    _write_private(pki.path(f"{base}.key"), _key_pem(key))
+    pki.path(f"{base}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _kubeconfig(server: str, ca: Path, cert: Path, key: Path, user: str) -> str:
@@ -437,6 +458,21 @@ class ControlPlane:
         assert last is not None
         raise last
 
+    @property
+    def egress_socket(self) -> Path:
+        """Where the apiserver sends its traffic for the cluster (pods, Services, kubelets): an
+        HTTP CONNECT proxy in the node's network namespace listens here while a node runs."""
+        return self.state_dir / "egress.sock"
+
+    def _egress_config(self) -> Path:
+        path = self.state_dir / "egress-selector.json"
+        path.write_text(json.dumps({
+            "apiVersion": "apiserver.k8s.io/v1beta1", "kind": "EgressSelectorConfiguration",
+            "egressSelections": [{"name": "cluster", "connection": {
+                "proxyProtocol": "HTTPConnect", "transport": {"uds": {"udsName": str(self.egress_socket)}}}}],
+        }))
+        return path
+
     def _start_once(self, timeout: float, reuse_ports: bool = True) -> None:
         deadline = time.monotonic() + timeout
         # keep the previous ports when free, so kubeconfigs copied elsewhere stay valid
@@ -464,7 +500,15 @@ class ControlPlane:
             f"--cert-dir={self.state_dir / 'apiserver-certs'}",
             f"--tls-cert-file={pki.path('apiserver.crt')}", f"--tls-private-key-file={pki.path('apiserver.key')}",
             f"--client-ca-file={pki.path('ca.crt')}",
-            "--authorization-mode=RBAC",
+            # Node: a kubelet (`dev up --kubelet`) reaches only its own pods' objects
+            "--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction",
+            # webhooks and kubelets behind Services and node addresses are reached through the
+            # node's namespace (node.py): the endpoint's address, dialled by the egress proxy on
+            # a unix socket; never a ClusterIP, which would route out of the machine
+            "--enable-aggregator-routing=true", f"--egress-selector-config-file={self._egress_config()}",
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={pki.client('apiserver-kubelet', 'kube-apiserver-kubelet-client', 'system:masters')[0]}",
+            f"--kubelet-client-key={pki.path('apiserver-kubelet.key')}",
             f"--service-account-issuer=https://127.0.0.1:{self.ports['apiserver']}",
             f"--service-account-key-file={pki.path('sa.pub')}",
             f"--service-account-signing-key-file={pki.path('sa.key')}",

@@ -89,6 +89,7 @@ from pathlib import Path
 
 from novalet.virt.kvm import cache_root, domain_type, kvm_probe_file
 
+from .netns import NetworkNamespace, NetworkNamespaceError
 from .processes import log_tail, pid_alive, proc_cmdline, stop_group
 
 __all__ = [
@@ -306,32 +307,20 @@ class Libvirtd:
             return None
 
     # the network namespace ----------------------------------------------------------------
-    def _netns_id(self) -> tuple[int, int] | None:
-        """(device, inode) of the namespace bound to ``netns_path``, or None when no namespace
-        is bound there (a namespace file lives on nsfs, like /proc/self/ns/net)."""
-        try:
-            st = os.stat(self.netns_path)
-            nsfs = os.stat("/proc/self/ns/net").st_dev
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino) if st.st_dev == nsfs else None
+    @property
+    def netns(self) -> NetworkNamespace:
+        return NetworkNamespace(self.netns_path)
 
     def netns_exists(self) -> bool:
-        return self._netns_id() is not None
+        return self.netns.exists()
 
     def in_netns(self, pid: int) -> bool:
         """Whether process ``pid`` lives in the stack's network namespace."""
-        ours = self._netns_id()
-        try:
-            st = os.stat(f"/proc/{pid}/ns/net")
-        except OSError:
-            return False
-        return ours is not None and (st.st_dev, st.st_ino) == ours
+        return self.netns.contains(pid)
 
     def netns_command(self, argv: list[str] | tuple[str, ...]) -> list[str]:
         """``argv`` run inside the stack's network namespace (an argv list; needs root)."""
-        nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
-        return [nsenter, f"--net={self.netns_path}", "--", *[str(a) for a in argv]]
+        return self.netns.command(argv)
 
     def exec_in_netns(self, argv: list[str] | tuple[str, ...], **kwargs) -> subprocess.CompletedProcess:
         """Run ``argv`` inside the stack's network namespace, where the guests' bridge is:
@@ -339,31 +328,16 @@ class Libvirtd:
         if not self.netns_exists():
             raise LibvirtdError(f"the stack's network namespace ({self.netns_path}) is not there: "
                                 "start the stack (`novalet dev up`)")
-        check = kwargs.pop("check", False)
-        return subprocess.run(self.netns_command(argv), check=check, **kwargs)
+        return self.netns.run(argv, **kwargs)
 
     def _ensure_netns(self) -> None:
-        """Create the persistent network namespace with ``lo`` up, unless it exists."""
-        if self.netns_exists():
-            return
-        self.netns_path.unlink(missing_ok=True)
-        self.netns_path.touch(mode=0o600)
-        ip = shutil.which("ip") or "/usr/sbin/ip"
-        r = subprocess.run(["unshare", f"--net={self.netns_path}", "--", ip, "link", "set", "lo", "up"],
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
-        if r.returncode != 0 or not self.netns_exists():
-            self._unmount_netns()
-            raise LibvirtdError(f"creating the network namespace {self.netns_path} failed "
-                                f"(exit {r.returncode}): {r.stderr.strip()}")
+        try:
+            self.netns.ensure()
+        except NetworkNamespaceError as e:
+            raise LibvirtdError(str(e)) from e
 
     def _unmount_netns(self) -> None:
-        if self.netns_exists():
-            r = subprocess.run(["umount", "--", str(self.netns_path)], stdin=subprocess.DEVNULL,
-                               capture_output=True, text=True, check=False)
-            if r.returncode != 0:
-                print(f"novalet libvirtd: umount {self.netns_path} failed: {r.stderr.strip()}", file=sys.stderr)
-                return
-        self.netns_path.unlink(missing_ok=True)
+        self.netns.unmount()
 
     def _own_pids_in_netns(self, kind: str) -> list[int]:
         """Live pids from our pid files (``kind``: "qemu" for guests, "network" for dnsmasq)
