@@ -22,6 +22,9 @@ security=${NOVALET_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security
 packages=python3,python3-venv,python3-libvirt,qemu-utils,ca-certificates
 podman=(podman --runtime /usr/sbin/runc)
 mkdir -p "$cache/debs" "$cache/wheelhouse"
+# one build at a time: parallel test workers share the wheelhouse and the tags
+exec 9>"$cache/build.lock"
+flock 9
 
 # --- 1. the base: Debian's packages, built once per recipe ---------------------------------
 recipe="bookworm $packages $mirror $security v1"

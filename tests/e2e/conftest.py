@@ -1,4 +1,7 @@
 """Fixtures for end-to-end tests: real apiserver, real libvirtd, agents as OS processes."""
+import subprocess
+from pathlib import Path
+
 import libvirt
 import pytest
 from kubernetes_asyncio import client
@@ -7,6 +10,8 @@ from novalet import GROUP, PLURAL, VERSION
 from novalet_dev.testing import TINY  # noqa: F401  (re-exported for the tests)
 
 from .harness import MERGE, Agents, Instances
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -89,3 +94,13 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def novalet_image() -> str:
+    """localhost/novalet:dev, built by hack/build-image.sh (cached; loaded into a running node)."""
+    built = subprocess.run(["bash", str(ROOT / "hack/build-image.sh")], capture_output=True, text=True,
+                           timeout=900, stdin=subprocess.DEVNULL)
+    if built.returncode != 0:
+        pytest.fail(f"hack/build-image.sh failed ({built.returncode}):\n{built.stderr[-3000:]}", pytrace=False)
+    return built.stdout.strip().splitlines()[-1]

@@ -27,15 +27,6 @@ def limits() -> list[str]:
     return ["--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", f"nproc={nproc}:{nproc}"]
 
 
-@pytest.fixture(scope="session")
-def novalet_image() -> str:
-    built = subprocess.run(["bash", str(ROOT / "hack/build-image.sh")], capture_output=True, text=True,
-                           timeout=900, stdin=subprocess.DEVNULL)
-    if built.returncode != 0:
-        pytest.fail(f"hack/build-image.sh failed ({built.returncode}):\n{built.stderr[-3000:]}", pytrace=False)
-    return built.stdout.strip().splitlines()[-1]
-
-
 async def test_the_agent_runs_from_the_image(novalet_image, control_plane, libvirt_uri, libvirtd, image_pool,
                                              libvirt_domain_type, namespace, agents, instances, libvirt_view,
                                              tmp_path):
