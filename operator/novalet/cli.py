@@ -1,4 +1,5 @@
-"""The `novalet` command: `run` (the per-node agent), `console`, `crd` and `dev ...` (the local stack)."""
+"""The `novalet` command: `run` (the per-node agent), `probe-domain-type`, `console`, `crd` and `dev ...` (the
+local stack)."""
 import argparse
 import sys
 from importlib.metadata import entry_points
@@ -50,6 +51,12 @@ def _controller(args: argparse.Namespace) -> int:
     from .controller.main import run_controller
 
     return run_controller(args)
+
+
+def _probe_domain_type(args: argparse.Namespace) -> int:
+    from .virt.probe import run
+
+    return run(args)
 
 
 def _console(args: argparse.Namespace) -> int:
@@ -234,6 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="place unpinned instances (one controller at a time holds the scheduler's Lease)")
     ctl.add_argument("--verbose", action="store_true")
     ctl.set_defaults(func=_controller)
+
+    probe = sub.add_parser("probe-domain-type",
+                           help="boot a probe guest under KVM through libvirt: print the domain type that boots "
+                                "guests here (kvm or qemu) and record it for `run --domain-type auto`")
+    probe.add_argument("--connect", "--libvirt-uri", dest="connect", default=None, metavar="URI",
+                       help="libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)")
+    probe.add_argument("--pool", "--image-pool", dest="pool", type=Path, default=Path("/var/lib/novalet/images"),
+                       metavar="DIR", help="a directory libvirtd's QEMU reads at the same path, for the probe's "
+                                           "firmware file (default: the agent's image pool, /var/lib/novalet/images)")
+    probe.add_argument("--record", type=Path, default=None, metavar="FILE",
+                       help="where to record the answer (default: kvm-probe.json in $NOVALET_CACHE, else "
+                            "~/.cache/novalet: where `run --domain-type auto` reads it)")
+    probe.add_argument("--timeout", type=_positive, default=5.0, metavar="S",
+                       help="seconds the probe guest gets to print its last marker (default 5)")
+    probe.add_argument("--domain-type", choices=("kvm", "qemu"), default="kvm",
+                       help="qemu: check the probe itself, booting its guest under TCG (exit 0 if it boots); "
+                            "nothing is recorded")
+    probe.set_defaults(func=_probe_domain_type)
 
     con = sub.add_parser("console", help="the guest's serial console (libvirt's console stream, as virsh "
                                          "console); run it where the instance's libvirt is reachable")

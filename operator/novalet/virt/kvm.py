@@ -1,9 +1,13 @@
 """Which libvirt domain type the agent uses (`novalet run --domain-type auto`).
 
 /dev/kvm alone proves nothing: on some machines it is a software nested mode where a real guest
-never finishes booting. So "kvm" only when NOVALET_DOMAIN_TYPE says so or a boot probe (run by
-the development stack, `novalet dev`) recorded that a guest booted under KVM; otherwise "qemu"
-(TCG). The agent only reads the probe's result file; it never runs the probe.
+never finishes booting. So "kvm" only when NOVALET_DOMAIN_TYPE says so or a boot probe recorded
+that a guest booted under KVM; otherwise "qemu" (TCG). The probe is `novalet probe-domain-type`
+(novalet.virt.probe: a guest booted through the node's libvirt; the chart runs it in the agent
+pod's initContainer, before the agent, into a directory both containers share as NOVALET_CACHE);
+the development stack has one of its own that records into the same file (`python -m
+novalet_dev.guest --probe-kvm URI --record`, its tiny Linux guest booted under KVM). The agent only
+reads the recorded file, once, at start; it never runs the probe.
 """
 import json
 import os
