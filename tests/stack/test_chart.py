@@ -418,6 +418,8 @@ WRONG_VALUES = [
      "at '/controller/webhook/failurePolicy': value must be one of 'Fail', 'Ignore'"),
     ("bad-domain-type", ["--set", "agent.domainType=xen"],
      "at '/agent/domainType': value must be one of 'auto', 'qemu', 'kvm'"),
+    ("zero-probe-timeout", ["--set", "agent.domainTypeProbeTimeoutSeconds=0"],
+     "at '/agent/domainTypeProbeTimeoutSeconds': exclusiveMinimum: got 0, want 0"),
     ("port-out-of-range", ["--set", "controller.webhook.port=70000"],
      "at '/controller/webhook/port': maximum: got 70,000, want 65,535"),
     ("webhook-port-0", ["--set", "controller.webhook.port=0"], "at '/controller/webhook/port': minimum: got 0, want 1"),
@@ -1250,3 +1252,53 @@ def test_helm_template_two_controllers_and_their_disruption_budget(helm):
     single = _docs(helm("template", "rel", str(CHART), "--set", "controller.replicas=1").stdout)
     assert not [d for d in single if d["kind"] == "PodDisruptionBudget"]
     assert _one(single, "Deployment", "-controller")["spec"]["replicas"] == 1
+
+
+def test_helm_template_probes_the_domain_type_before_the_agent_when_auto(helm):
+    """domainType auto: an initContainer runs `novalet probe-domain-type` (same image, the same
+    libvirt socket and image pool mounts as the agent) into a small emptyDir that the agent reads
+    as NOVALET_CACHE; qemu or kvm: forced, no initContainer, no emptyDir, no NOVALET_CACHE."""
+    from novalet.cli import build_parser
+
+    def pod(*args: str) -> dict:
+        docs = _docs(helm("template", "rel", str(CHART), *args).stdout)
+        return _one(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
+
+    for args, pool_mount in (((), "state"), (("--set", "agent.imagePool=/srv/images",
+                                              "--set", "agent.domainTypeProbeTimeoutSeconds=3"), "images")):
+        spec = pod(*args)
+        (probe,) = spec["initContainers"]
+        (agent,) = spec["containers"]
+        assert probe["name"] == "probe-domain-type"
+        assert (probe["image"], probe["imagePullPolicy"], probe["command"]) == (
+            agent["image"], agent["imagePullPolicy"], ["novalet"])
+        assert probe["securityContext"] == agent["securityContext"]
+        parsed = build_parser().parse_args(probe["args"])
+        pool = "/srv/images" if pool_mount == "images" else "/var/lib/novalet/images"
+        assert (parsed.command, parsed.connect, parsed.pool, parsed.timeout, parsed.domain_type, parsed.record) == (
+            "probe-domain-type", "qemu:///system", Path(pool), 3.0 if args else 5.0, "kvm", None)
+        assert "--domain-type=auto" in agent["args"]
+        # the answer: recorded in the default place under NOVALET_CACHE, read there by the agent
+        probe_env = {e["name"]: e.get("value") for e in probe["env"]}
+        agent_env = {e["name"]: e.get("value") for e in agent["env"]}
+        assert probe_env["NOVALET_CACHE"] == agent_env["NOVALET_CACHE"]
+        mounts = {m["name"]: m for m in probe["volumeMounts"]}
+        agent_mounts = {m["name"]: m for m in agent["volumeMounts"]}
+        assert set(mounts) == {"libvirt-sockets", pool_mount, "domain-type"}
+        for name in ("libvirt-sockets", pool_mount):
+            assert mounts[name]["mountPath"] == agent_mounts[name]["mountPath"]
+        assert mounts["domain-type"]["mountPath"] == agent_mounts["domain-type"]["mountPath"] == \
+            probe_env["NOVALET_CACHE"]
+        assert agent_mounts["domain-type"]["readOnly"] is True and not mounts["domain-type"].get("readOnly")
+        assert pool.startswith(mounts[pool_mount]["mountPath"])
+        volume = next(v for v in spec["volumes"] if v["name"] == "domain-type")
+        assert "emptyDir" in volume and "hostPath" not in volume
+
+    for forced in ("qemu", "kvm"):
+        spec = pod("--set", f"agent.domainType={forced}")
+        assert "initContainers" not in spec
+        (agent,) = spec["containers"]
+        assert f"--domain-type={forced}" in agent["args"]
+        assert "NOVALET_CACHE" not in {e["name"] for e in agent["env"]}
+        assert "domain-type" not in {v["name"] for v in spec["volumes"]}
+        assert "domain-type" not in {m["name"] for m in agent["volumeMounts"]}
