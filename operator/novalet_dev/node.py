@@ -337,9 +337,25 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             if created.exists():
                 try:
                     os.rmdir(path)
-                except OSError:
+                except FileNotFoundError:
                     pass
+                except OSError:  # not empty: something else wrote there; leftovers() says so
+                    continue
                 created.unlink()
+
+    def leftovers(self) -> list[str]:
+        """What of a node would outlive stop(): processes, cgroups, the namespace, mounts, the host
+        directories it made. Empty after stop()."""
+        found = [f"process {pid} in the node's cgroup" for pid in sorted(self._cgroup_pids())]
+        found += [f"cgroup {root / self.cgroup_name}" for root in self._hierarchies()
+                  if (root / self.cgroup_name).exists()]
+        if self.netns.exists():
+            found.append(f"network namespace {self.netns.path}")
+        with open("/proc/self/mountinfo") as f:
+            found += [f"mount {line.split()[4]}" for line in f if line.split()[4].startswith(str(self.dir))]
+        found += [f"directory {path}" for path in PRIVATE_HOST_DIRS
+                  if (self.dir / f"created{path.replace('/', '-')}").exists()]
+        return found
 
     def status(self) -> dict:
         return {"name": self.name, "running": self.is_running(), "ip": NODE_IP, "podCIDR": POD_CIDR,

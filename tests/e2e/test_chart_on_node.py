@@ -3,7 +3,8 @@ test's own (control plane, host-1's libvirtd, the node), the image from hack/bui
 into the node's containerd, `helm install` with `novalet dev chart-values`.
 
 What a user of the chart sees: the agent DaemonSet's pod and both controller pods Ready on the
-node; the apiserver calling the webhook through its Service; the agent pod driving libvirtd
+node, the agent's initContainer having chosen the domain type by booting a probe guest; the
+apiserver calling the webhook through its Service; the agent pod driving libvirtd
 through the mounted socket, with its own ServiceAccount's token (no other credential is in the
 pods); `helm upgrade` rolling the agent while guests run (none restarted, a request made during
 the roll done once); `helm uninstall` leaving nothing of the release, webhook included."""
@@ -20,7 +21,7 @@ from kubernetes_asyncio import client, config
 
 from novalet_dev.controlplane import ControlPlane, find_bin_dir
 from novalet_dev.guest import build_tiny_image
-from novalet_dev.hosts import Hosts, Host
+from novalet_dev.hosts import Host, Hosts
 from novalet_dev.node import IMAGES, NODE_NAME, Node, chart_values
 from novalet_dev.testing import TINY
 
@@ -65,7 +66,7 @@ class NodeCluster:
 
 
 @pytest.fixture
-def node_cluster(tmp_path_factory, novalet_image, libvirt_domain_type):
+def node_cluster(tmp_path_factory, novalet_image):
     """A stack of this test's own: the chart's cluster-scoped objects (webhook, policies) and its
     agent (which owns every domain of its libvirtd) must not meet the session's tests."""
     state = tmp_path_factory.mktemp("kn")
@@ -80,9 +81,7 @@ def node_cluster(tmp_path_factory, novalet_image, libvirt_domain_type):
         node.load_images(IMAGES)
         host.image_pool.mkdir(parents=True, exist_ok=True)
         build_tiny_image(host.image_pool, TINY)  # preloaded: the pods cannot reach a loopback image server
-        chosen = chart_values(state, host)
-        chosen["agent"]["domainType"] = libvirt_domain_type
-        values.write_text(json.dumps(chosen))
+        values.write_text(json.dumps(chart_values(state, host)))  # agent.domainType auto: the probe decides
         yield NodeCluster(control_plane, host, node, values)
     finally:
         node.stop()
@@ -98,7 +97,7 @@ def ready(pod: dict) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
 
 
-async def test_the_chart_runs_on_a_real_node(node_cluster):
+async def test_the_chart_runs_on_a_real_node(node_cluster, libvirt_domain_type):
     cluster = node_cluster
     chart = str(ROOT / "charts" / "novalet")
     await asyncio.to_thread(cluster.run, "helm", "install", RELEASE, chart, "-n", NAMESPACE, "--create-namespace",
@@ -112,6 +111,18 @@ async def test_the_chart_runs_on_a_real_node(node_cluster):
         assert pod["spec"]["serviceAccountName"] == account
         for container in pod["spec"]["containers"]:
             assert "KUBECONFIG" not in {e["name"] for e in container.get("env", [])}
+    # the agent's initContainer probed the node's domain type, and the agent uses what it found:
+    # the development stack's own probe (a real kernel booted) says the same
+    probe = agents[0]["status"]["initContainerStatuses"]
+    assert [(c["name"], c["state"]["terminated"]["exitCode"]) for c in probe] == [("probe-domain-type", 0)]
+    deadline = time.monotonic() + 60  # the agent writes its Hypervisor's status once it runs
+
+    def types() -> list[tuple[str, str | None]]:
+        return [(h["metadata"]["name"], h.get("status", {}).get("domainType")) for h in cluster.objects("hypervisors")]
+    while not all(kind for _, kind in types() or [("", None)]) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert types() == [
+        (NODE_NAME, libvirt_domain_type)]
     # the webhook is registered by Service reference: the apiserver reaches it through the Service
     hooks = cluster.objects("validatingwebhookconfigurations", "-l", RELEASE_LABEL)
     assert [h["clientConfig"].get("service", {}).get("name") for h in hooks[0]["webhooks"]] == ["novalet-controller"]
@@ -184,3 +195,8 @@ async def test_the_chart_runs_on_a_real_node(node_cluster):
                       "validatingadmissionpolicybindings,clusterroles,clusterrolebindings")
     assert cluster.objects(cluster_scoped, "-l", RELEASE_LABEL) == []
     assert cluster.objects("validatingwebhookconfigurations") == []
+
+    # and the node stops without a trace: no process, cgroup, namespace, mount or directory of it
+    assert cluster.node.leftovers() != []  # (what the check below would see while it runs)
+    cluster.node.stop()
+    assert cluster.node.leftovers() == []
