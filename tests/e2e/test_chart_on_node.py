@@ -93,6 +93,26 @@ def pods(cluster: NodeCluster, component: str) -> list[dict]:
     return cluster.objects("pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/component={component}")
 
 
+def review_by(cluster: NodeCluster, pod: str) -> dict:
+    """The AdmissionReview answer of one controller pod's webhook to a valid create (dry run)."""
+    kind = {"group": "novalet.io", "version": "v1alpha1", "kind": "VirtualInstance"}
+    resource = {"group": "novalet.io", "version": "v1alpha1", "resource": "virtualinstances"}
+    body = {"apiVersion": "novalet.io/v1alpha1", "kind": "VirtualInstance",
+            "metadata": {"name": "probe", "namespace": GUESTS}, "spec": {"flavor": FLAVOR, "image": TINY}}
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": pod, "kind": kind, "resource": resource, "requestKind": kind, "requestResource": resource,
+        "operation": "CREATE", "namespace": GUESTS, "name": "probe", "object": body, "oldObject": None,
+        "userInfo": {"username": "test"}, "dryRun": True, "options": None}}
+    path = cluster.values.parent / f"review-{pod}.json"
+    path.write_text(json.dumps(review))
+    port = cluster.objects("pods", "-n", NAMESPACE, "--field-selector", f"metadata.name={pod}")[0]["spec"][
+        "containers"][0]["ports"]
+    webhook = next(p["containerPort"] for p in port if p.get("name") == "webhook")
+    out = cluster.run("kubectl", "create", "--raw",
+                      f"/api/v1/namespaces/{NAMESPACE}/pods/https:{pod}:{webhook}/proxy/validate", "-f", str(path))
+    return json.loads(out.stdout)
+
+
 def ready(pod: dict) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
 
@@ -102,6 +122,9 @@ async def test_the_chart_runs_on_a_real_node(node_cluster, libvirt_domain_type):
     chart = str(ROOT / "charts" / "novalet")
     await asyncio.to_thread(cluster.run, "helm", "install", RELEASE, chart, "-n", NAMESPACE, "--create-namespace",
                             "-f", str(cluster.values), "--wait", "--timeout", "240s")
+    # helm's --wait lets a DaemonSet be short of its maxUnavailable (1: the only agent pod here)
+    await asyncio.to_thread(cluster.run, "kubectl", "rollout", "status", "-n", NAMESPACE,
+                            "daemonset/novalet-agent", "--timeout=240s")
 
     # the pods run on the node and are Ready, each with its own ServiceAccount and no other credential
     agents, controllers = pods(cluster, "agent"), pods(cluster, "controller")
@@ -123,6 +146,14 @@ async def test_the_chart_runs_on_a_real_node(node_cluster, libvirt_domain_type):
         await asyncio.sleep(0.5)
     assert types() == [
         (NODE_NAME, libvirt_domain_type)]
+    # one controller replica holds the scheduler's Lease (and so places and marks); both serve the
+    # webhook: each answers an AdmissionReview sent to it alone, through the apiserver's pod proxy
+    lease = cluster.objects("leases", "-n", "kube-node-lease", "--field-selector", "metadata.name=novalet-scheduler")
+    holder = lease[0]["spec"]["holderIdentity"]
+    assert sum(f"/{p['metadata']['name']}/" in holder for p in controllers) == 1, holder
+    for pod in controllers:
+        answer = review_by(cluster, pod["metadata"]["name"])
+        assert answer["response"]["uid"] == pod["metadata"]["name"] and answer["response"]["allowed"] is True
     # the webhook is registered by Service reference: the apiserver reaches it through the Service
     hooks = cluster.objects("validatingwebhookconfigurations", "-l", RELEASE_LABEL)
     assert [h["clientConfig"].get("service", {}).get("name") for h in hooks[0]["webhooks"]] == ["novalet-controller"]
