@@ -375,6 +375,9 @@ class Libvirtd:
             pids = [p for p in pids if pid_alive(p)]
             if not pids:
                 break
+        left = self.netns.wait_empty(timeout)
+        if left:
+            print(f"novalet: processes still in {self.netns_path}: {left}", file=sys.stderr)
         self._unmount_netns()
 
     def _ensure_network(self) -> None:

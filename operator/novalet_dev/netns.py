@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -42,6 +43,18 @@ class NetworkNamespace:
         except OSError:
             return False
         return ours is not None and (st.st_dev, st.st_ino) == ours
+
+    def processes(self) -> list[int]:
+        """Every process living in this namespace now."""
+        return [int(p) for p in os.listdir("/proc") if p.isdigit() and self.contains(int(p))]
+
+    def wait_empty(self, timeout: float) -> list[int]:
+        """Wait until no process lives in the namespace (helpers of the processes just ended,
+        such as dnsmasq's lease helper, go a moment after them); the ones left at the timeout."""
+        deadline = time.monotonic() + timeout
+        while (left := self.processes()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return left
 
     def command(self, argv: list[str] | tuple[str, ...]) -> list[str]:
         """``argv`` run inside this namespace (an argv list; needs root)."""

@@ -329,8 +329,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 stop_group(pid, timeout, lambda p=pid: _reap(p))
             self.pid_file(name).unlink(missing_ok=True)
         self._remove_cgroups()
-        if self.netns.exists() and not any(self.netns.contains(int(p)) for p in os.listdir("/proc")
-                                           if p.isdigit()):
+        if self.netns.exists() and not self.netns.wait_empty(timeout):
             self.netns.unmount()
         for path in PRIVATE_HOST_DIRS:  # the mount points the node made on the host, if empty
             created = self.dir / f"created{path.replace('/', '-')}"

@@ -157,6 +157,21 @@ class Instances:
         raise AssertionError(f"{name}: timed out after {timeout}s waiting for {what}; "
                              f"status={body and body.get('status')}\n{logs}")
 
+    async def settled(self, name: str, quiet_s: float = 2.0, timeout: float = 30.0) -> dict[str, Any]:
+        """The object once nobody has written it for `quiet_s`: an agent's trailing writes (a
+        condition, kopf's bookkeeping) may follow the status a test waited for by a moment."""
+        deadline = time.monotonic() + timeout
+        body = await self.get(name)
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            latest = await self.get(name)
+            if latest["metadata"]["resourceVersion"] != body["metadata"]["resourceVersion"]:
+                body, quiet_since = latest, time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                return body
+        raise AssertionError(f"{name}: still written after {timeout}s: {body.get('status')}")
+
     async def wait_gone(self, name: str, timeout: float = 60.0, agents: Agents | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

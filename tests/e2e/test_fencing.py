@@ -70,7 +70,7 @@ async def assert_woken_holder_does_nothing(instances, kube_api, events: lv.Domai
                                            standby_pid: int, watch_s: float = 8.0) -> None:
     """SIGCONT the frozen holder, then watch: no libvirt event for the domain, no new
     resourceVersion, no new Event, the Lease stays with the standby, the old holder runs on."""
-    body = await instances.get("vm")
+    body = await instances.settled("vm")
     version = body["metadata"]["resourceVersion"]
     posted = await event_count(kube_api, instances.namespace, frozen.process.pid)
     woke = time.monotonic()
@@ -79,7 +79,8 @@ async def assert_woken_holder_does_nothing(instances, kube_api, events: lv.Domai
     assert events.since(woke) == [], f"libvirt saw operations after the old holder woke: {events.since(woke)}"
     body = await instances.get("vm")
     assert body["metadata"]["resourceVersion"] == version, (
-        f"the object was written after the old holder woke: {status_of(body)}\n{frozen.tail()}")
+        f"the object was written after the old holder woke: {body['metadata'].get('managedFields')}"
+        f" {status_of(body)}\n{frozen.tail()}")
     assert await event_count(kube_api, instances.namespace, frozen.process.pid) == posted
     assert pid_of(await lease_holder(kube_api, node)) == standby_pid
     assert frozen.process.poll() is None, "the old holder must stand by, not exit"

@@ -138,7 +138,7 @@ def test_three_hosts_each_a_libvirtd_of_its_own_in_a_netns_of_its_own(state):
     # dev down stops every host, and every namespace goes with it
     assert dev(state, "down").stdout.strip() == "stopped"
     assert not any(pid_alive(p) for p in pids)
-    assert all(holders_of_netns(ino) == [] for ino in inodes)
+    assert [holders_of_netns(ino) for ino in inodes] == [[]] * len(inodes)
     assert not any(h.libvirtd.netns_exists() for h in hosts)
     assert host_network_state() == before
     # restarted, each host keeps its host UUID
