@@ -1,5 +1,8 @@
 """Fixtures for end-to-end tests: real apiserver, real libvirtd, agents as OS processes."""
+import fcntl
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import libvirt
@@ -7,11 +10,24 @@ import pytest
 from kubernetes_asyncio import client
 
 from novalet import GROUP, PLURAL, VERSION
+from novalet_dev.processes import cache_root
 from novalet_dev.testing import TINY  # noqa: F401  (re-exported for the tests)
 
 from .harness import MERGE, Agents, Instances
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def machine_dirs_lock() -> Iterator[None]:
+    """One at a time, across test workers: the kubelet node (novalet_dev.node) and the kind
+    cluster (hack/kind-up.sh) both make and remove the machine's /var/lib/cni, and each checks
+    that it leaves nothing there."""
+    path = cache_root() / "machine-dirs.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture

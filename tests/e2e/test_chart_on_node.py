@@ -26,6 +26,7 @@ from novalet_dev.node import IMAGES, NODE_NAME, Node, chart_values
 from novalet_dev.testing import TINY
 
 from . import libvirt_checks as lv
+from .conftest import machine_dirs_lock
 from .harness import Instances
 
 pytestmark = pytest.mark.stack
@@ -74,6 +75,11 @@ def node_cluster(tmp_path_factory, novalet_image):
     host = Hosts(state).host(1)
     node = Node(control_plane, NODE_NAME)
     values = state / "values.json"
+    with machine_dirs_lock():  # kind (test_chart_on_kind.py) uses the machine's /var/lib/cni too
+        yield from _node_cluster(control_plane, host, node, state, values)
+
+
+def _node_cluster(control_plane, host, node, state, values):
     try:
         control_plane.start()
         host.libvirtd.start()
