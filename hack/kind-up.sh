@@ -249,6 +249,8 @@ EOF
 set -e
 for t in /kind/images/*.tar; do ctr --namespace k8s.io images import "$t"; done
 EOF
+  # the pods' subnet lives on cni0 inside the node container, itself inside the namespace above:
+  # no route to it exists in the machine's own namespace
   cat >"$ctx/etc/cni/net.d/10-bridge.conflist" <<'EOF'
 {"cniVersion": "1.0.0", "name": "kind-pods",
  "plugins": [{"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
