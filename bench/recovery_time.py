@@ -51,6 +51,13 @@ TASK_NAMES = {"spawning": "Create", "scheduling": "Create", "reboot_pending_hard
               "image_snapshot": "Snapshot", "updating_password": "SetPassword", "resize_prep": "Resize",
               "deleting": "Delete"}
 
+# An instance without `spec.interfaces` gets one interface on the libvirt network `default`, and
+# its create checks that network is active (as a user's does): the node file provides one (the
+# test driver keeps it in memory; no bridge is made).
+DEFAULT_NETWORK = ("<network><name>default</name><bridge name='virbr0'/><forward/>"
+                   "<ip address='192.168.122.1' netmask='255.255.255.0'><dhcp>"
+                   "<range start='192.168.122.2' end='192.168.122.254'/></dhcp></ip></network>")
+
 
 def node_xml(domains: list[str]) -> str:
     ET.register_namespace("test", TEST_NS)
@@ -62,6 +69,7 @@ def node_xml(domains: list[str]) -> str:
     ET.SubElement(node, "memory").text = str(64 * 1024 * 1024)
     for xml in domains:
         node.append(ET.fromstring(xml))
+    node.append(ET.fromstring(DEFAULT_NETWORK))
     return ET.tostring(node, encoding="unicode")
 
 

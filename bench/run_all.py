@@ -59,6 +59,8 @@ async def run(stack, args, details: dict) -> dict:
         print(f"limit after the storms (32 writers): {after['writes_per_s']} writes/s", flush=True)
         write_result("storms", {"host": details, "measured_by": "bench/run_all.py", "limit": limit,
                                 "limit_after_storms": after, **out})
+        if storms.failures(out):
+            raise RuntimeError("storms that did not end as asked: " + "; ".join(storms.failures(out)))
 
     async def stage_latency() -> None:
         out = await latency.measure(stack, args.counts, args.idle_probes, storm_timeout=args.storm_timeout,

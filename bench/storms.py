@@ -398,6 +398,12 @@ async def storms_of(stack, custom, sampler, agent, log, count, args, deadline, l
         await asyncio.gather(watching, return_exceptions=True)
 
 
+def failures(out: dict) -> list[str]:
+    """The storms whose instances did not all end as asked: their figures measure something else."""
+    return [f"{r['instances']} {r['storm']}: {r['settled']}/{r['instances']} settled, outcomes {r['outcomes']}"
+            for r in out["storms"] if r["unexpected_outcomes"] or r["timed_out"]]
+
+
 def print_table(limit: dict, out: dict) -> None:
     print(f"\nlimit: {limit['writes_per_s']} conditional status writes/s; agent RSS idle "
           f"{out['agent_rss_mib_idle']} MiB, peak at {out['largest_count']} instances "
@@ -440,6 +446,8 @@ def main() -> None:
     print(f"written to {write_result('storms', result)}")
     # the limit these ratios were taken against, as bench/write_limit.py writes it
     print(f"written to {write_result('write_limit', {'host': details, 'measured_by': 'bench/storms.py', **limit})}")
+    if failures(out):
+        raise SystemExit("storms that did not end as asked:\n" + "\n".join(failures(out)))
 
 
 if __name__ == "__main__":

@@ -125,3 +125,37 @@ def test_rescue_and_unrescue_boot_on_the_test_driver(test_hv):
     dom = conn.lookupByUUIDString(uid)
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING and dom.ID() not in (first_id, rescue_id)
     assert hv.facts(uid).config == "normal"
+
+
+def test_the_benchmarks_node_file_runs_an_instance_with_the_default_interface(tmp_path):
+    """bench/storms.py and bench/recovery_time.py run the agent on a node file of their own: it
+    must serve what a user's instance needs, or every create of a storm fails (an instance
+    without `spec.interfaces` gets one on the network `default`, and its create checks that
+    network is active)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
+    try:
+        from recovery_time import node_xml
+    finally:
+        sys.path.pop(0)
+    from novalet.core.interfaces import DEFAULT_INTERFACES, mac_address
+    from novalet.virt.domain_xml import NetworkInterface
+
+    node_file = tmp_path / "node.xml"
+    node_file.write_text(node_xml([]))
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    hv = Hypervisor(f"test://{node_file}", pool, tmp_path, "qemu")
+    try:
+        assert hv.network_active("default")
+        uid = str(uuid.uuid4())
+        nics = tuple(NetworkInterface(i.name, mac_address(uid, n), "network", i.network)
+                     for n, i in enumerate(DEFAULT_INTERFACES))
+        hv.define(InstanceSpec(uid=uid, namespace="t", name="vm-0", vcpus=1, memory_mib=128, node="n1",
+                               interfaces=nics))
+        hv.start(uid)
+        assert hv.facts(uid).power_state == "running"
+    finally:
+        hv.close()
