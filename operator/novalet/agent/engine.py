@@ -15,7 +15,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .. import FINALIZER
-from ..api.models import CurrentTask, InstanceLock, MigrationRecord, VirtualInstance, VirtualInstanceStatus
+from ..api.models import (
+    CurrentTask,
+    InstanceLock,
+    InterfaceStatus,
+    MigrationRecord,
+    VirtualInstance,
+    VirtualInstanceStatus,
+)
 from ..api.policies import REQUESTED_BY
 from ..core import (
     authorization,
@@ -70,6 +77,11 @@ class Wait:
 
 def _key(body: dict[str, Any]) -> tuple[str, str]:
     return body["metadata"]["namespace"], body["metadata"]["name"]
+
+
+def _with_interfaces(status: VirtualInstanceStatus, seen: list[InterfaceStatus] | None) -> VirtualInstanceStatus:
+    """status.interfaces as libvirt last showed them (None: not looked at this time)."""
+    return status if seen is None else status.model_copy(update={"interfaces": seen})
 
 
 def _with_agent_ready(status: VirtualInstanceStatus, node: str) -> VirtualInstanceStatus:
@@ -363,13 +375,26 @@ class Engine:
             self._count_end(task, "Succeeded")
             return
         facts = await self.ops.facts(inst)
-        body = await self._cas(body, lambda s: transitions.finish(
+        seen = await self._interfaces_with_result(inst, facts.exists)
+        body = await self._cas(body, lambda s: _with_interfaces(transitions.finish(
             s, plan, succeeded, message, now(), facts.power_state, vm_state=vm_state,
-            backoff_policy=self.backoff_policy), self._task_guard(task.id))
+            backoff_policy=self.backoff_policy), seen), self._task_guard(task.id))
         reason = "Succeeded" if succeeded else "Failed"
         self._count_end(task, reason)
         await self.events.emit(body, reason, f"{task.name} {task.id}: {message or reason.lower()}",
                                warning=not succeeded)
+
+    async def _interfaces_with_result(self, inst: VirtualInstance, exists: bool) -> list[InterfaceStatus] | None:
+        """The interfaces to record with a task's result (a create's first record of them) rather
+        than in a write of their own; None when there is nothing new to look for, or libvirt
+        did not say (a sync looks again)."""
+        if not (exists and interfaces.should_look(inst.status)):
+            return None
+        try:
+            return await self.ops.interfaces(inst)
+        except OperationError as error:
+            log.info("%s/%s: interfaces not read with the result: %s", inst.metadata.namespace, inst.metadata.name, error)
+            return None
 
     def _count_end(self, task: CurrentTask, result: str) -> None:
         """A task begun here is timed by the monotonic clock; one recovered from another
@@ -574,8 +599,7 @@ class Engine:
         seen = await self.ops.interfaces(inst) if facts.exists and interfaces.should_look(inst.status) else None
 
         def synced(status: VirtualInstanceStatus) -> VirtualInstanceStatus:
-            status = transitions.observe_power(status, facts.power_state, facts.exists, now())
-            return status if seen is None else status.model_copy(update={"interfaces": seen})
+            return _with_interfaces(transitions.observe_power(status, facts.power_state, facts.exists, now()), seen)
 
         if _same(self._as_written(synced(inst.status), inst), inst.status):
             return interfaces.address_poll_after(inst.status, now())
