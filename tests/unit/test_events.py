@@ -108,3 +108,26 @@ async def test_a_full_backlog_drops_events_rather_than_block_the_reconcile(recor
     assert await recorder.flush(1)
     assert len(recorder.events.created) == 10 - recorder.dropped
     await recorder.close()
+
+
+async def test_while_the_work_is_backed_up_one_sender_posts_and_the_rest_trail(recorder):
+    """busy(): one sender keeps posting, the others' Events wait until the work lets up, and a
+    flush (the agent stopping) posts them busy or not."""
+    busy = [True]
+    recorder.busy = lambda: busy[0]
+    # one instance for each sender (an object's Events all go to one, by its uid's hash)
+    uids = {hash(f"u{n}") % recorder.senders: f"u{n}" for n in range(64)}
+    first, other = uids[0], uids[1]
+    await recorder.emit(instance("a", first), "Started", "to sender 0")
+    await recorder.emit(instance("b", other), "Started", "to sender 1")
+    await asyncio.sleep(0.6)
+    assert [e["regarding"]["uid"] for e in recorder.events.created] == [first]
+    busy[0] = False
+    await asyncio.sleep(0.6)
+    assert [e["regarding"]["uid"] for e in recorder.events.created] == [first, other]
+
+    busy[0] = True
+    await recorder.emit(instance("b", other), "Succeeded", "at the stop")
+    assert await recorder.flush(1)
+    assert recorder.events.created[-1]["note"] == "at the stop"
+    await recorder.close()

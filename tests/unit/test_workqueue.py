@@ -235,3 +235,25 @@ def test_a_fair_queue_keeps_each_flows_order_and_serves_backlogged_flows_in_turn
         backlogged = [f for f in "abcd" if left[f] > 0]
         if backlogged:
             assert max(served[f] for f in backlogged) - min(served[f] for f in backlogged) <= 1
+
+
+async def test_saturated_while_every_worker_is_busy_or_a_key_waits():
+    rec = Recorder()
+    rec.gates = {key: asyncio.Event() for key in "abc"}
+    queue = WorkQueue(rec, workers=2)
+    queue.start()
+    queue.add("a")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not queue.saturated()  # one of two workers busy, nothing waiting
+    queue.add("b")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert queue.saturated() and queue.depth == 0  # both workers busy
+    queue.add("c")
+    rec.gates["a"].set()
+    rec.gates["b"].set()
+    rec.gates["c"].set()
+    await settle(queue)
+    assert not queue.saturated()
+    await queue.stop()

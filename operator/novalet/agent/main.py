@@ -73,7 +73,8 @@ class Agent:
         api = await api_client()
         self.store = InstanceStore(api, guard=self.fence.check)
         self.custom = client.CustomObjectsApi(api)
-        self.events = events = EventRecorder(api, "novalet.io/agent", self.identity, guard=self.fence.check)
+        self.events = events = EventRecorder(api, "novalet.io/agent", self.identity, guard=self.fence.check,
+                                             busy=lambda: self.queue.saturated())
         # the Lease gets a client (and connection pool) of its own: renewals must never queue
         # behind the node's instance traffic, or a busy agent fences itself
         self.lease = NodeLease(await api_client(), self.args.lease_namespace, self.node, self.identity,

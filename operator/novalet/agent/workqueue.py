@@ -150,6 +150,10 @@ class WorkQueue:
     def busy(self) -> int:
         return len(self._processing)
 
+    def saturated(self) -> bool:
+        """Every worker busy, or keys waiting for one: the node's work is backed up."""
+        return bool(self._queued) or len(self._processing) >= self.workers
+
     def idle(self) -> bool:
         return not self._queued and not self._processing
 

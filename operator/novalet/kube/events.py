@@ -6,15 +6,17 @@ recorder does, instead of posted anew.
 
 Posting is asynchronous, as client-go's is: `emit` queues the Event and returns, and a few
 senders post them (an object's Events all by one sender, in order). A reconcile never waits on
-an Event, so a request's libvirt call does not queue behind one, and Events take a bounded share
-of the apiserver's writes in a storm (they trail the status writes then). An Event is best
-effort: one that cannot be posted, or that finds the backlog full, is dropped and logged.
+an Event, so a request's libvirt call does not queue behind one. While the agent's work is
+backed up (`busy()`: a storm, a recovery sweep) one sender posts and the others wait: the status
+is the record, an Event its echo, so Events then trail the status writes instead of taking the
+apiserver's writes from them, and catch up when the work lets up (or at a flush). An Event is
+best effort: one that cannot be posted, or that finds the backlog full, is dropped and logged.
 """
 import asyncio
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,16 +26,19 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from . import WriteGuard, no_guard
 
 log = logging.getLogger(__name__)
+BUSY_LOOK_S = 0.25  # how often a waiting sender looks whether the agent's work has let up
 
 
 class EventRecorder:
     def __init__(self, api: client.ApiClient, component: str, instance: str,
-                 guard: WriteGuard = no_guard, senders: int = 4, backlog: int = 4096):
+                 guard: WriteGuard = no_guard, senders: int = 4, backlog: int = 4096,
+                 busy: Callable[[], bool] = lambda: False):
         """`guard(what)` runs when an Event is emitted and again right before it is posted, and
         raises to refuse it (the agent's fence: a fenced agent posts nothing, not even what it
-        emitted before)."""
+        emitted before). `busy()`: the agent's work is backed up, Events wait (all but one sender)."""
         self.events = client.EventsV1Api(api)
-        self.component, self.instance, self.guard = component, instance, guard
+        self.component, self.instance, self.guard, self.busy = component, instance, guard, busy
+        self._flushing = 0
         self.senders, self.backlog = senders, backlog
         self._posted: OrderedDict[tuple[str, ...], tuple[str, str, int]] = OrderedDict()  # -> ns, name, count
         self._queues: list[asyncio.Queue] = []
@@ -66,13 +71,15 @@ class EventRecorder:
 
     def _start(self) -> None:
         self._queues = [asyncio.Queue(maxsize=self.backlog) for _ in range(self.senders)]
-        self._tasks = [asyncio.create_task(self._send_from(queue), name=f"novalet-events-{n}")
+        self._tasks = [asyncio.create_task(self._send_from(queue, n), name=f"novalet-events-{n}")
                        for n, queue in enumerate(self._queues)]
 
-    async def _send_from(self, queue: asyncio.Queue) -> None:
+    async def _send_from(self, queue: asyncio.Queue, index: int) -> None:
         while True:
             key, event, now = await queue.get()
             try:
+                while index and self.busy() and not self._flushing:  # sender 0 keeps a trickle going
+                    await asyncio.sleep(BUSY_LOOK_S)
                 self.guard("post an Event")
                 await self._post(key, event, now)
             except Exception as error:  # noqa: BLE001 - best effort: never fail an action for an Event
@@ -91,11 +98,15 @@ class EventRecorder:
         self._remember(key, (namespace, posted["metadata"]["name"], 1))
 
     async def flush(self, timeout_s: float = 5.0) -> bool:
-        """Wait until every Event emitted so far is posted (or dropped); False on timeout."""
+        """Wait until every Event emitted so far is posted (or dropped), busy or not; False on
+        timeout."""
+        self._flushing += 1
         try:
             await asyncio.wait_for(asyncio.gather(*(queue.join() for queue in self._queues)), timeout_s)
         except TimeoutError:
             return False
+        finally:
+            self._flushing -= 1
         return True
 
     async def close(self, timeout_s: float = 1.0) -> None:
