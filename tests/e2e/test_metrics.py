@@ -34,6 +34,12 @@ async def test_metrics_count_what_the_agent_did(instances, agents):
     assert sample(samples, "novalet_lease_renewals_total", result="renewed") >= 1
     assert sample(samples, "novalet_lease_renewals_total", result="failed") == 0
     assert sample(samples, "novalet_workqueue_wait_seconds_count") >= 2
+    # create: the finalizer and six status writes; pause: two. Every write is made by a reconcile
+    assert sample(samples, "novalet_apiserver_write_duration_seconds_count", write="finalizers") == 1
+    assert sample(samples, "novalet_apiserver_write_duration_seconds_count", write="status") >= 8
+    writes_s = sum(sample(samples, "novalet_apiserver_write_duration_seconds_sum", write=w)
+                   for w in ("finalizers", "status"))
+    assert 0 < writes_s < sample(samples, "novalet_reconcile_duration_seconds_sum")
     assert ("novalet_workqueue_depth", ()) in samples
     assert sample(samples, "novalet_recoveries_total", rule="redo") == 0  # nothing was interrupted
 
@@ -49,6 +55,7 @@ async def test_metrics_count_what_the_agent_did(instances, agents):
     assert sample(samples, "novalet_tasks_started_total", action="ConfirmResize") == 0
     assert sample(samples, "novalet_tasks_finished_total", action="Delete", result="Succeeded") == 1
     assert sample(samples, "novalet_libvirt_call_duration_seconds_count", call="pause") == 1
+    assert sample(samples, "novalet_apiserver_write_duration_seconds_count", write="finalizers") == 2
     assert not [key for key in samples if key[0] == "novalet_instances"]  # gone from the node
 
 

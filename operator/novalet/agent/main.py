@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -71,7 +72,8 @@ class Agent:
         from ..virt.hypervisor import Hypervisor
 
         api = await api_client()
-        self.store = InstanceStore(api, guard=self.fence.check)
+        self.store = InstanceStore(api, guard=self.fence.check,
+                                   observe_write=lambda write, s: self.metrics.write_seconds.labels(write).observe(s))
         self.custom = client.CustomObjectsApi(api)
         self.events = events = EventRecorder(api, "novalet.io/agent", self.identity, guard=self.fence.check,
                                              busy=lambda: self.queue.saturated())
@@ -311,6 +313,7 @@ class Agent:
 
     async def reconcile(self, key: tuple[str, str]) -> float | None:
         self.fence.begin_work()
+        started = time.monotonic()
         try:
             return await self.engine.reconcile(*key)
         except Fenced as why:
@@ -318,6 +321,7 @@ class Agent:
         except ValidationError:  # unreadable by this version: reported on the object, skipped
             log.info("%s/%s: cannot read the object; waiting for it to change", *key)
         finally:
+            self.metrics.reconcile_seconds.observe(time.monotonic() - started)
             self._sweep_progress(key)
         return None
 

@@ -3,7 +3,8 @@
 What happened to tasks (started, finished by result, how long), which recovery rules a
 restart applied, the compare-and-swap writes the apiserver refused, how long libvirt calls
 took and which failed, the Lease's renewals, the work queue's depth and the time a key waited
-in it, and the instances of this node by vmState and taskState (read from the agent's cache at
+in it, how long a reconcile took and how much of it went to the apiserver's answers to the
+agent's writes (so where a node's time goes is visible: libvirt, the apiserver, or neither), and the instances of this node by vmState and taskState (read from the agent's cache at
 each scrape, so the figure is what the agent last saw).
 """
 import json
@@ -48,6 +49,12 @@ class AgentMetrics:
                                  registry=registry)
         self.queue_wait = Histogram("novalet_workqueue_wait_seconds", "From a key's queuing to the "
                                     "start of its reconcile.", buckets=WAIT_BUCKETS, registry=registry)
+        self.reconcile_seconds = Histogram("novalet_reconcile_duration_seconds", "One look at an instance "
+                                           "(one decision and what it carried out).", buckets=CALL_BUCKETS,
+                                           registry=registry)
+        self.write_seconds = Histogram("novalet_apiserver_write_duration_seconds", "The agent's writes of "
+                                       "VirtualInstances, request to answer, by write (status, finalizers).",
+                                       ["write"], buckets=CALL_BUCKETS, registry=registry)
 
     def count_instances(self, statuses: Callable[[], Iterable[dict]]) -> None:
         """Report `novalet_instances` from `statuses()` (the status of each instance of this

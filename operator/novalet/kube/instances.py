@@ -12,7 +12,8 @@ conflict drops the cached body, so the next look reads afresh. Bodies are kept a
 fresh dict: no caller can change what another one reads.
 """
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,10 +80,12 @@ def _newer(body: dict[str, Any], than: _Kept) -> bool:
 
 
 class InstanceStore:
-    def __init__(self, api: client.ApiClient, guard: WriteGuard = no_guard):
-        """`guard(what)` runs right before every write and raises to refuse it (the agent's fence)."""
+    def __init__(self, api: client.ApiClient, guard: WriteGuard = no_guard,
+                 observe_write: Callable[[str, float], None] = lambda write, seconds: None):
+        """`guard(what)` runs right before every write and raises to refuse it (the agent's fence);
+        `observe_write(write, seconds)` is told how long each write's answer took."""
         self.custom = client.CustomObjectsApi(api)
-        self.guard = guard
+        self.guard, self.observe_write = guard, observe_write
         self._latest: dict[Key, _Kept] = {}
 
     # ---- the newest body seen ----------------------------------------------------------
@@ -148,23 +151,29 @@ class InstanceStore:
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"]},
                  "status": status.model_dump(mode="json")}
         self.guard("write status")
+        started = time.monotonic()
         try:
             return self.remember(await self.custom.patch_namespaced_custom_object_status(
                 GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch, _content_type=MERGE_PATCH))
         except ApiException as error:
             self.forget(meta["namespace"], meta["name"])
             raise _translate(error) from error
+        finally:
+            self.observe_write("status", time.monotonic() - started)
 
     async def write_finalizers(self, body: dict[str, Any], finalizers: list[str]) -> dict[str, Any]:
         meta = body["metadata"]
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"], "finalizers": finalizers}}
         self.guard("write finalizers")
+        started = time.monotonic()
         try:
             return self.remember(await self.custom.patch_namespaced_custom_object(
                 GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch, _content_type=MERGE_PATCH))
         except ApiException as error:
             self.forget(meta["namespace"], meta["name"])
             raise _translate(error) from error
+        finally:
+            self.observe_write("finalizers", time.monotonic() - started)
 
 
 async def label_node(custom: client.CustomObjectsApi, body: dict[str, Any], node: str,
