@@ -24,7 +24,10 @@ The benchmark issues the requests 16 at a time and follows one watch on the name
 storm: seconds from the first request to the last instance settled, instances per second,
 the apiserver's own `apiserver_request_total` before and after (as bench/api_cost.py reads
 it) minus the benchmark's own requests, so writes per instance are the agent's; the agent's
-VirtualInstance write rate as a share of the limit; and the agent's RSS (VmRSS of its process).
+VirtualInstance write rate as a share of the limit; the agent's RSS (VmRSS of its process); and
+where its workers' time went, from the agent's own /metrics (on loopback) before and after: how
+busy the 16 workers were, and what share of their reconciles' time was spent waiting for the
+apiserver's answers to their writes and in libvirt calls.
 Every storm has a timeout; the whole script is bounded by --deadline.
 """
 import argparse
@@ -34,6 +37,7 @@ import statistics
 import subprocess
 import time
 import urllib.parse
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -42,11 +46,14 @@ from api_cost import request_counts
 from common import local_stack, write_result
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
+from prometheus_client.parser import text_string_to_metric_families
 from recovery_time import node_xml
 
 from novalet import GROUP, PLURAL, VERSION
+from novalet_dev.controlplane import free_port
 
 NODE = "storm"
+WORKERS = 16  # the agent's default (--workers)
 KEPT_LOG = Path("/tmp/novalet-storms-agent.log")
 CONCURRENCY = 16
 STORMS = ("create", "reboot_hard", "pause", "delete")
@@ -166,8 +173,38 @@ def agent_writes(before: Counter, after: Counter, own: Counter) -> dict:
             "requests": requests}
 
 
+# the agent's histograms whose sums say where its workers' time went (docs/operations.md)
+TIME_SUMS = {"novalet_reconcile_duration_seconds_sum": "reconciles",
+             "novalet_apiserver_write_duration_seconds_sum": "apiserver_writes",
+             "novalet_libvirt_call_duration_seconds_sum": "libvirt_calls"}
+
+
+def agent_seconds(metrics_url: str) -> dict[str, float]:
+    """Seconds the agent's workers have spent so far in reconciles, waiting for the apiserver's
+    answers to their writes, and in libvirt calls (its /metrics, on loopback)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as answer:
+        text = answer.read().decode()
+    sums = dict.fromkeys(TIME_SUMS.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in TIME_SUMS:
+                sums[TIME_SUMS[sample.name]] += sample.value
+    return sums
+
+
+def time_split(before: dict[str, float], after: dict[str, float], seconds: float, workers: int) -> dict:
+    """How busy the workers were during a storm, and what share of their reconciles' time went to
+    the apiserver's answers and to libvirt (the rest: the agent's own CPU and its event loop)."""
+    spent = {k: after[k] - before[k] for k in after}
+    total = spent["reconciles"] or 1.0
+    return {"worker_seconds": round(spent["reconciles"], 1),
+            "workers_busy": round(spent["reconciles"] / (seconds * workers), 3),
+            "share_in_apiserver_writes": round(spent["apiserver_writes"] / total, 3),
+            "share_in_libvirt_calls": round(spent["libvirt_calls"] / total, 3)}
+
+
 async def storm(stack, custom, tracker: Tracker, sampler: RssSampler, kind: str, names: list[str],
-                count: int, timeout_s: float, node: str = NODE) -> dict:
+                count: int, timeout_s: float, node: str = NODE, metrics_url: str | None = None) -> dict:
     ns = tracker.namespace
     ids = {name: f"hard-{count}-{i}" for i, name in enumerate(names)} if kind == "reboot_hard" else {}
     pending = set(names)
@@ -223,6 +260,7 @@ async def storm(stack, custom, tracker: Tracker, sampler: RssSampler, kind: str,
             issued_at.append(time.monotonic() - started)
 
     before = await asyncio.to_thread(request_counts, stack.control_plane)
+    spent_before = await asyncio.to_thread(agent_seconds, metrics_url) if metrics_url else None
     sampler.reset()
     started = time.monotonic()
     tracker.check = check
@@ -236,6 +274,7 @@ async def storm(stack, custom, tracker: Tracker, sampler: RssSampler, kind: str,
     tracker.check = lambda typ, name, obj: None
     rss_peak = sampler.reset()
     rss_end = rss_mib(sampler.pid)
+    spent_after = await asyncio.to_thread(agent_seconds, metrics_url) if metrics_url else None
     await asyncio.sleep(1.0)  # trailing writes (the last Events, a power-state sync) land in the counts
     after = await asyncio.to_thread(request_counts, stack.control_plane)
     own = Counter({OWN[kind]: len(names)})
@@ -259,6 +298,7 @@ async def storm(stack, custom, tracker: Tracker, sampler: RssSampler, kind: str,
         "outcomes": dict(outcomes), "expected_outcome": EXPECTED[kind], "requests_refused": dict(refused),
         "unexpected_outcomes": sum(v for k, v in outcomes.items() if k != EXPECTED[kind]) + sum(refused.values()),
         "agent_rss_mib_peak": rss_peak, "agent_rss_mib_end": rss_end,
+        "agent_time": time_split(spent_before, spent_after, elapsed, WORKERS) if metrics_url else None,
         "requests": writes["requests"], "settled_names": sorted(settled),
     }
 
@@ -294,7 +334,10 @@ async def run_storms(stack, args, limit: dict) -> dict:
     pool.mkdir(exist_ok=True)
     log = stack.workdir / f"agent-{NODE}.log"
     deadline = time.monotonic() + args.deadline
-    agent = stack.agent(NODE, pool, "--libvirt-uri", uri)
+    metrics_port = free_port()
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    agent = stack.agent(NODE, pool, "--libvirt-uri", uri, "--metrics-port", str(metrics_port),
+                        "--workers", str(WORKERS))
     sampler = RssSampler(agent.pid)
     sampling = asyncio.create_task(sampler.run())
     results: list[dict] = []
@@ -318,7 +361,8 @@ async def run_storms(stack, args, limit: dict) -> dict:
                 if reason:
                     skipped.append(reason)
                     continue
-                await storms_of(stack, custom, sampler, agent, log, count, args, deadline, limit, results, skipped)
+                await storms_of(stack, custom, sampler, agent, log, count, args, deadline, limit, results, skipped,
+                                metrics_url)
         await asyncio.sleep(3)
         rss_idle_after = rss_mib(agent.pid)
     except Exception as failure:  # noqa: BLE001 - keep what was measured, say what stopped it
@@ -359,7 +403,8 @@ def skip_reason(count: int, results: list[dict], args, deadline: float) -> str |
     return None
 
 
-async def storms_of(stack, custom, sampler, agent, log, count, args, deadline, limit, results, skipped) -> None:
+async def storms_of(stack, custom, sampler, agent, log, count, args, deadline, limit, results, skipped,
+                    metrics_url: str | None = None) -> None:
     ns = f"storm-{count}"
     stack.control_plane.kubectl("create", "namespace", ns)
     tracker = Tracker(custom, ns)
@@ -373,7 +418,7 @@ async def storms_of(stack, custom, sampler, agent, log, count, args, deadline, l
                 skipped.append(f"{count} {kind}: past the script's deadline")
                 continue
             row = await storm(stack, custom, tracker, sampler, kind, names, count,
-                              min(args.storm_timeout, max(60.0, remaining)))
+                              min(args.storm_timeout, max(60.0, remaining)), metrics_url=metrics_url)
             row["share_of_limit"] = round(row["instance_writes_per_s"] / limit["writes_per_s"], 3)
             row["all_writes_share_of_limit"] = round(row["all_writes_per_s"] / limit["writes_per_s"], 3)
             row["agent_log"] = log_counts(log)
@@ -404,19 +449,25 @@ def failures(out: dict) -> list[str]:
             for r in out["storms"] if r["unexpected_outcomes"] or r["timed_out"]]
 
 
+def _pct(row: dict, key: str) -> str:
+    return f"{100 * row['agent_time'][key]:>5.0f}%" if row.get("agent_time") else f"{'-':>6}"
+
+
 def print_table(limit: dict, out: dict) -> None:
     print(f"\nlimit: {limit['writes_per_s']} conditional status writes/s; agent RSS idle "
           f"{out['agent_rss_mib_idle']} MiB, peak at {out['largest_count']} instances "
           f"{out['agent_rss_mib_peak_at_largest']} MiB")
     print(f"{'count':>6} {'storm':<12}{'s':>8}{'inst/s':>8}{'VI w/inst':>10}{'ev/inst':>8}{'VI w/s':>8}"
-          f"{'% limit':>8}{'p50 s':>7}{'p99 s':>7}{'RSS MiB':>8}  outcome")
+          f"{'% limit':>8}{'p50 s':>7}{'p99 s':>7}{'RSS MiB':>8}{'busy':>6}{'api%':>6}{'virt%':>6}  outcome")
     for r in out["storms"]:
         ok = "ok" if not r["unexpected_outcomes"] and not r["timed_out"] else (
             f"{r['settled']}/{r['instances']} settled, {r['unexpected_outcomes']} unexpected")
         print(f"{r['instances']:>6} {r['storm']:<12}{r['seconds']:>8.2f}{r['instances_per_s']:>8.1f}"
               f"{r['instance_writes_per_instance']:>10.2f}{r['event_writes_per_instance']:>8.2f}"
               f"{r['instance_writes_per_s']:>8.1f}{100 * r['share_of_limit']:>7.1f}%"
-              f"{r['settle_s_p50'] or 0:>7.2f}{r['settle_s_p99'] or 0:>7.2f}{r['agent_rss_mib_peak']:>8}  {ok}")
+              f"{r['settle_s_p50'] or 0:>7.2f}{r['settle_s_p99'] or 0:>7.2f}{r['agent_rss_mib_peak']:>8}"
+              f"{_pct(r, 'workers_busy')}{_pct(r, 'share_in_apiserver_writes')}{_pct(r, 'share_in_libvirt_calls')}"
+              f"  {ok}")
     for s in out["skipped"]:
         print(f"skipped: {s}")
 
