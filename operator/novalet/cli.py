@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=_positive_int, default=16,
                      help="instances reconciled at once (the work queue's workers; default 16: the "
                           "apiserver's conditional writes saturate near 16 writers, docs/benchmarks.md)")
+    run.add_argument("--write-concurrency", type=_positive_int, default=4,
+                     help="the agent's VirtualInstance writes at the apiserver at once, at most; the others "
+                          "wait, namespaces in turn (default 4: as many writes per second as 16, each "
+                          "answered sooner, docs/benchmarks.md)")
     run.add_argument("--metrics-port", type=int, default=0,
                      help="serve Prometheus metrics on this port (0: off; docs/operations.md)")
     run.add_argument("--metrics-address", default="127.0.0.1",

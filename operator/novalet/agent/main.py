@@ -43,6 +43,7 @@ from .orphans import OrphanReaper
 from .resources import ResourceTracker
 from .unreadable import Unreadable
 from .workqueue import WorkQueue
+from .writegate import WriteGate
 
 log = logging.getLogger("novalet.agent")
 EVENTS_FLUSH_S = 1.0  # a clean stop posts the Events queued so far, for at most this long
@@ -72,7 +73,8 @@ class Agent:
         from ..virt.hypervisor import Hypervisor
 
         api = await api_client()
-        self.store = InstanceStore(api, guard=self.fence.check,
+        gate = WriteGate(self.args.write_concurrency)
+        self.store = InstanceStore(api, guard=self.fence.check, admit=gate.slot,
                                    observe_write=lambda write, s: self.metrics.write_seconds.labels(write).observe(s))
         self.custom = client.CustomObjectsApi(api)
         self.events = events = EventRecorder(api, "novalet.io/agent", self.identity, guard=self.fence.check,

@@ -11,9 +11,11 @@ conflict drops the cached body, so the next look reads afresh. Bodies are kept a
 (a fraction of the memory of the parsed dict; a thousand per node) and each read returns a
 fresh dict: no caller can change what another one reads.
 """
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,13 +81,19 @@ def _newer(body: dict[str, Any], than: _Kept) -> bool:
     return True
 
 
+def _no_gate(namespace: str) -> AbstractAsyncContextManager[None]:
+    return contextlib.nullcontext()
+
+
 class InstanceStore:
     def __init__(self, api: client.ApiClient, guard: WriteGuard = no_guard,
-                 observe_write: Callable[[str, float], None] = lambda write, seconds: None):
+                 observe_write: Callable[[str, float], None] = lambda write, seconds: None,
+                 admit: Callable[[str], AbstractAsyncContextManager[None]] = _no_gate):
         """`guard(what)` runs right before every write and raises to refuse it (the agent's fence);
-        `observe_write(write, seconds)` is told how long each write's answer took."""
+        `observe_write(write, seconds)` is told how long each write's answer took; `admit(namespace)`
+        is held while a write is at the apiserver (the agent's WriteGate: a bound on writes in flight)."""
         self.custom = client.CustomObjectsApi(api)
-        self.guard, self.observe_write = guard, observe_write
+        self.guard, self.observe_write, self.admit = guard, observe_write, admit
         self._latest: dict[Key, _Kept] = {}
 
     # ---- the newest body seen ----------------------------------------------------------
@@ -150,30 +158,32 @@ class InstanceStore:
         meta = body["metadata"]
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"]},
                  "status": status.model_dump(mode="json")}
-        self.guard("write status")
-        started = time.monotonic()
-        try:
-            return self.remember(await self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch, _content_type=MERGE_PATCH))
-        except ApiException as error:
-            self.forget(meta["namespace"], meta["name"])
-            raise _translate(error) from error
-        finally:
-            self.observe_write("status", time.monotonic() - started)
+        async with self.admit(meta["namespace"]):
+            self.guard("write status")  # after the wait for a slot: the fence may have closed meanwhile
+            started = time.monotonic()
+            try:
+                return self.remember(await self.custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch, _content_type=MERGE_PATCH))
+            except ApiException as error:
+                self.forget(meta["namespace"], meta["name"])
+                raise _translate(error) from error
+            finally:
+                self.observe_write("status", time.monotonic() - started)
 
     async def write_finalizers(self, body: dict[str, Any], finalizers: list[str]) -> dict[str, Any]:
         meta = body["metadata"]
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"], "finalizers": finalizers}}
-        self.guard("write finalizers")
-        started = time.monotonic()
-        try:
-            return self.remember(await self.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch, _content_type=MERGE_PATCH))
-        except ApiException as error:
-            self.forget(meta["namespace"], meta["name"])
-            raise _translate(error) from error
-        finally:
-            self.observe_write("finalizers", time.monotonic() - started)
+        async with self.admit(meta["namespace"]):
+            self.guard("write finalizers")
+            started = time.monotonic()
+            try:
+                return self.remember(await self.custom.patch_namespaced_custom_object(
+                    GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch, _content_type=MERGE_PATCH))
+            except ApiException as error:
+                self.forget(meta["namespace"], meta["name"])
+                raise _translate(error) from error
+            finally:
+                self.observe_write("finalizers", time.monotonic() - started)
 
 
 async def label_node(custom: client.CustomObjectsApi, body: dict[str, Any], node: str,
