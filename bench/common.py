@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,12 +33,16 @@ class Stack:
 
     def agent(self, node: str, pool: Path, *extra: str) -> subprocess.Popen:
         env = {**os.environ, "KUBECONFIG": str(self.control_plane.kubeconfig)}
-        log = (self.workdir / f"agent-{node}.log").open("ab")
+        path = self.workdir / f"agent-{node}.log"
+        offset = path.stat().st_size if path.exists() else 0  # an earlier agent of the node wrote before it
+        log = path.open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "novalet.cli", "run", "--node-name", node, "--libvirt-uri",
              self.libvirtd.uri, "--image-pool", str(pool), "--state-dir", str(self.workdir / node),
-             "--domain-type", domain_type(), "--stop-timeout", "5", "--soft-reboot-timeout", "5", *extra],
+             "--domain-type", domain_type(), "--stop-timeout", "5", "--soft-reboot-timeout", "5", *extra,
+             *shlex.split(os.environ.get("NOVALET_BENCH_AGENT_ARGS", ""))],  # e.g. another --write-concurrency
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc.log_offset = offset  # where this agent's lines begin (bench/storms.py wait_ready)
         self.started.append(proc)
         return proc
 

@@ -314,12 +314,19 @@ def log_counts(log: Path) -> dict:
             "warnings": sum(1 for line in text.splitlines() if " WARNING " in line)}
 
 
+def _since(log: Path, offset: int) -> str:
+    with log.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
 async def wait_ready(log: Path, agent, timeout_s: float = 90) -> float:
+    """Seconds until this agent (not an earlier one of the same node and log) finished its start."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         if agent.poll() is not None:
             raise RuntimeError(f"the agent exited ({agent.returncode}); see {log}")
-        if log.exists() and "recovery sweep done" in log.read_text(errors="replace"):
+        if log.exists() and "recovery sweep done" in _since(log, getattr(agent, "log_offset", 0)):
             return time.monotonic() - started
         await asyncio.sleep(0.2)
     raise TimeoutError(f"the agent did not finish its start within {timeout_s} s; see {log}")
