@@ -23,9 +23,9 @@ from pydantic import ValidationError
 from .. import GROUP, PLURAL, VERSION
 from ..api.models import AllocationRatios, Resources, VirtualInstance
 from ..api.policies import MIGRATING, UNPLACED
+from ..core import migration
 from ..core.backoff import BackoffPolicy
 from ..core.catalog import SnapshotQuota
-from ..core import migration
 from ..core.fencing import LeaseTiming
 from ..core.reaping import ReapPolicy
 from ..kube.client import RetryForever, api_client, health_endpoint, register_login

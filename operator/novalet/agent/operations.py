@@ -26,8 +26,8 @@ from ..core.authorization import secret_check
 from ..core.catalog import DOWNLOADING, PRESENT, UNAVAILABLE, snapshot_pool_name
 from ..core.facts import MISSING, Facts
 from ..core.interfaces import interface_status, interfaces_of, mac_address
-from ..core.recovery import JOURNALED_OPS
 from ..core.migration import NOT_YET
+from ..core.recovery import JOURNALED_OPS
 from ..core.vocabulary import Op, PowerState, VmState
 from ..kube.access import Access, SecretError
 from ..virt.cidata import CloudInit, meta_data

@@ -28,9 +28,9 @@ from ..api.models import MigrationRecord, Resources, VirtualInstance, VirtualIns
 from ..api.policies import MIGRATING, UNPLACED
 from ..core import authorization, capacity, conditions, migration, placement, transitions
 from ..core.desire import seen_ids
-from ..core.policy import refusal as state_refusal
 from ..core.fencing import LeaseTiming
 from ..core.interfaces import interfaces_of
+from ..core.policy import refusal as state_refusal
 from ..core.presentation import with_presentation
 from ..core.vocabulary import Action, TaskState, VmState
 from ..kube.access import Access
