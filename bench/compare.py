@@ -85,7 +85,7 @@ async def compare(stack, args, envs: dict[str, dict[str, str]]) -> dict:
                 print(f"{name:>10} recovery of {args.count}: {out['seconds_to_last']} s", flush=True)
     finally:
         restore(saved)
-    return {"limit": limit, "variants": {n: env for n, env in envs.items()}, "rows": rows}
+    return {"limit": limit, "variants": envs, "rows": rows}
 
 
 def main() -> None:

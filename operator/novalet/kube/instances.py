@@ -155,36 +155,28 @@ class InstanceStore:
 
     async def write_status(self, body: dict[str, Any], status: VirtualInstanceStatus) -> dict[str, Any]:
         """Replace status if the object is still at the resourceVersion `body` was read at."""
-        meta = body["metadata"]
-        patch = {"metadata": {"resourceVersion": meta["resourceVersion"]},
-                 "status": status.model_dump(mode="json")}
-        async with self.admit(meta["namespace"]):
-            self.guard("write status")  # after the wait for a slot: the fence may have closed meanwhile
-            started = time.monotonic()
-            try:
-                return self.remember(await self.custom.patch_namespaced_custom_object_status(
-                    GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch, _content_type=MERGE_PATCH))
-            except ApiException as error:
-                self.forget(meta["namespace"], meta["name"])
-                raise _translate(error) from error
-            finally:
-                self.observe_write("status", time.monotonic() - started)
+        return await self._write(body, "status", {"status": status.model_dump(mode="json")},
+                                 self.custom.patch_namespaced_custom_object_status)
 
     async def write_finalizers(self, body: dict[str, Any], finalizers: list[str]) -> dict[str, Any]:
+        return await self._write(body, "finalizers", {"metadata": {"finalizers": finalizers}},
+                                 self.custom.patch_namespaced_custom_object)
+
+    async def _write(self, body: dict[str, Any], what: str, patch: dict[str, Any], send) -> dict[str, Any]:
+        """A merge patch at body's resourceVersion, through the gate and the fence, timed."""
         meta = body["metadata"]
-        patch = {"metadata": {"resourceVersion": meta["resourceVersion"], "finalizers": finalizers}}
+        patch = {**patch, "metadata": {**patch.get("metadata", {}), "resourceVersion": meta["resourceVersion"]}}
         async with self.admit(meta["namespace"]):
-            self.guard("write finalizers")
+            self.guard(f"write {what}")  # after the wait for a slot: the fence may have closed meanwhile
             started = time.monotonic()
             try:
-                return self.remember(await self.custom.patch_namespaced_custom_object(
-                    GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch, _content_type=MERGE_PATCH))
+                return self.remember(await send(GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch,
+                                                _content_type=MERGE_PATCH))
             except ApiException as error:
                 self.forget(meta["namespace"], meta["name"])
                 raise _translate(error) from error
             finally:
-                self.observe_write("finalizers", time.monotonic() - started)
-
+                self.observe_write(what, time.monotonic() - started)
 
 async def label_node(custom: client.CustomObjectsApi, body: dict[str, Any], node: str,
                      guard: WriteGuard = no_guard) -> None:
